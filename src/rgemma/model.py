@@ -1,0 +1,513 @@
+"""The Griffin / RecurrentGemma network, read top to bottom, smallest part first.
+
+Papers: Griffin (arXiv 2402.19427) section 2; RecurrentGemma (arXiv 2404.07839).
+Official counterpart: `recurrentgemma.torch.{layers,modules,griffin}`; parameter
+names and shapes are the official ones, so an official state_dict loads with
+`load_state_dict(strict=True)`.
+
+Dimension letters: b batch, t time (new tokens), s keys (window + new tokens),
+d width, e LRU width, m MLP width, h heads, hd head dim, w window, v vocabulary.
+
+`segment_pos` (b, t) int: each token's position within its document; 0 starts a
+document (resets the RG-LRU, cuts the Conv1D window, starts a new attention
+segment); -1 marks left padding, which no real token ever sees.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import BlockType, GriffinConfig
+from .errors import InputError
+from .scan import linear_scan
+from .state import AttentionState, GriffinState, RecurrentState, check_state, init_state
+
+LogitsMode = Literal["all", "last", "none"]
+
+
+# ----------------------------------------------------------------------------------
+# Small layers
+# ----------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + 1e-6) * (1 + scale)`, computed in float32.
+
+    Official: `recurrentgemma.torch.layers.RMSNorm` (scale initialised to 0).
+    """
+
+    def __init__(self, width: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.zeros(width, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        var = x32.pow(2).mean(dim=-1, keepdim=True)
+        return (x32 * torch.rsqrt(var + self.eps) * (1.0 + self.scale.float())).to(x.dtype)
+
+
+class Embedder(nn.Module):
+    """Token embedding, tied with the output head.
+
+    `encode`: E[token] * sqrt(d) (the scale rounded to bfloat16, as in every official
+    path: 50.5 for the 2B model). `decode`: x @ E^T.
+    """
+
+    def __init__(self, vocab_size: int, width: int, scale: float, device=None, dtype=None):
+        super().__init__()
+        self.scale = scale
+        self.input_embedding = nn.Parameter(
+            torch.empty(vocab_size, width, device=device, dtype=dtype)
+        )
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        x = F.embedding(tokens, self.input_embedding)  # (b, t, d)
+        return x * self.scale if self.scale != 1.0 else x
+
+    def decode(self, x: Tensor) -> Tensor:
+        return x @ self.input_embedding.T  # (b, t, v)
+
+
+class BlockDiagonalLinear(nn.Module):
+    """`y[..., h, j] = sum_i x[..., h, i] w[h, i, j] + b[h, j]`: `num_blocks` independent
+    square linears (the RG-LRU gates). Official: `layers.BlockDiagonalLinear`."""
+
+    def __init__(self, width: int, num_blocks: int, device=None, dtype=None):
+        super().__init__()
+        self.num_blocks = num_blocks
+        bw = width // num_blocks
+        self.w = nn.Parameter(torch.empty(num_blocks, bw, bw, device=device, dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(num_blocks, bw, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        *lead, e = x.shape
+        xh = x.reshape(-1, self.num_blocks, e // self.num_blocks).transpose(0, 1)  # (h, n, i)
+        y = torch.baddbmm(self.b[:, None, :], xh, self.w)  # (h, n, j)
+        return y.transpose(0, 1).reshape(*lead, e)
+
+
+class _SqrtBoundDerivative(torch.autograd.Function):
+    """sqrt(x) whose derivative is clipped at 1000 (Griffin section 2.4: keeps the
+    gradient of sqrt(1 - a^2) bounded as a -> 1). Official: `SqrtBoundDerivative`."""
+
+    MAX_GRAD = 1000.0
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        # d sqrt(x) / dx = 1 / sqrt(4x); clipping 4x below at 1/1000^2 caps it at 1000.
+        return grad / torch.sqrt(torch.clamp(4.0 * x, min=_SqrtBoundDerivative.MAX_GRAD ** -2))
+
+
+# ----------------------------------------------------------------------------------
+# Temporal mixing: Conv1D, RG-LRU, recurrent block, local attention
+# ----------------------------------------------------------------------------------
+class Conv1D(nn.Module):
+    """Depthwise causal convolution of temporal width k+1 = 4, with bias.
+
+    `out[t] = b + sum_{j=0..k} w[k-j] * x[t-j]`, where the tap j is dropped when it
+    would reach across a document start (segment_pos[t] < j). The state carries the
+    last k inputs, so any split of a sequence into calls gives the same output.
+    Official: `layers.Conv1D` (weight `w` of shape (k+1, e)).
+    """
+
+    def __init__(self, width: int, temporal_width: int, device=None, dtype=None):
+        super().__init__()
+        self.temporal_width = temporal_width
+        self.w = nn.Parameter(torch.empty(temporal_width, width, device=device, dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(width, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor, segment_pos: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (b, t, e); segment_pos: (b, t); conv_state: (b, k, e) -> (out, new state)."""
+        k = self.temporal_width - 1
+        t = x.shape[1]
+        ctx = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (b, k + t, e)
+        out = x * self.w[k]
+        for j in range(1, k + 1):
+            tap = ctx[:, k - j: k - j + t] * self.w[k - j]  # x[t - j] * w[k - j]
+            out = out + tap * (segment_pos >= j).unsqueeze(-1).to(x.dtype)
+        return out + self.b, ctx[:, -k:]
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit (Griffin section 2.4). Official: `layers.RGLRU`.
+
+        gate_x = sigmoid(W_x x + b_x),  gate_a = sigmoid(W_a x + b_a)
+        log_a = -8 * gate_a * softplus(a_param)
+        h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (gate_x * x_t)
+
+    and at a document start (segment_pos == 0): a = 0, multiplier 1. Gates and
+    recurrence run in float32 whatever the activation dtype.
+    """
+
+    def __init__(self, width: int, num_heads: int, device=None, dtype=None):
+        super().__init__()
+        self.a_param = nn.Parameter(torch.empty(width, device=device, dtype=dtype))
+        self.input_gate = BlockDiagonalLinear(width, num_heads, device=device, dtype=dtype)
+        self.a_gate = BlockDiagonalLinear(width, num_heads, device=device, dtype=dtype)
+        self.scan_impl = "auto"
+
+    def forward(self, x: Tensor, segment_pos: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (b, t, e); segment_pos: (b, t); h0: (b, e) float32 -> (y (b, t, e), h_last)."""
+        gate_x = torch.sigmoid(self.input_gate(x).float())
+        gate_a = torch.sigmoid(self.a_gate(x).float())
+        log_a = -8.0 * gate_a * F.softplus(self.a_param.float())
+        a = torch.exp(log_a)
+        multiplier = _SqrtBoundDerivative.apply(1.0 - torch.exp(2.0 * log_a))
+        reset = (segment_pos == 0).unsqueeze(-1)  # (b, t, 1)
+        a = a.masked_fill(reset, 0.0)
+        multiplier = multiplier.masked_fill(reset, 1.0)
+        normed_x = x.float() * gate_x * multiplier
+        y, h_last = linear_scan(a, normed_x, h0, impl=self.scan_impl)
+        return y.to(x.dtype), h_last
+
+
+class RecurrentBlock(nn.Module):
+    """Griffin's recurrent temporal block (Griffin figure 2):
+    `linear_out(gelu(linear_y(x)) * RG-LRU(Conv1D(linear_x(x))))`.
+    Official: `modules.RecurrentBlock`."""
+
+    def __init__(self, config: GriffinConfig, device=None, dtype=None):
+        super().__init__()
+        d, e = config.width, config.lru_width
+        kw = dict(device=device, dtype=dtype)
+        self.linear_y = nn.Linear(d, e, **kw)
+        self.linear_x = nn.Linear(d, e, **kw)
+        self.linear_out = nn.Linear(e, d, **kw)
+        self.conv_1d = Conv1D(e, config.conv1d_temporal_width, **kw)
+        self.rg_lru = RGLRU(e, config.num_heads, **kw)
+
+    def forward(self, x: Tensor, segment_pos: Tensor, state: RecurrentState
+                ) -> tuple[Tensor, RecurrentState]:
+        y = F.gelu(self.linear_y(x), approximate="tanh")  # (b, t, e)
+        x, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv)
+        x, h = self.rg_lru(x, segment_pos, state.rg_lru)
+        return self.linear_out(x * y), RecurrentState(rg_lru=h, conv=conv_state)
+
+
+def apply_rope(x: Tensor, positions: Tensor, max_wavelength: float = 10_000.0) -> Tensor:
+    """Rotary embedding on the first half of the last dim (rotate-half style).
+
+    x: (b, t, ..., hd); positions: (b, t). Official: `modules._apply_rope`.
+    """
+    rope_dim = x.shape[-1] // 2
+    x_rope, x_pass = x[..., :rope_dim], x[..., rope_dim:]
+    freq_exponents = 2.0 * torch.arange(rope_dim // 2, device=x.device) / rope_dim
+    inv_freq = 1.0 / (max_wavelength ** freq_exponents)  # (rope_dim / 2,)
+    pos = positions.reshape(*positions.shape, *([1] * (x.ndim - 2)))  # (b, t, 1.., 1)
+    angles = pos.to(torch.float32) * inv_freq  # (b, t, ..., rope_dim / 2)
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    first, second = x_rope.float().chunk(2, dim=-1)
+    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
+
+
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor,
+    q_pos: Tensor, k_pos: Tensor, q_doc: Tensor, k_doc: Tensor,
+    window: int, self_offset: int,
+) -> Tensor:
+    """Multi-query attention of t queries over s keys with the local-window mask.
+
+    A query sees a key iff both are in the same document (`doc`), the key is valid
+    (pos >= 0), not in the future, and at most `window` positions back: it sees
+    itself and the `window` tokens before it (window + 1 keys), as the official mask
+    `q_pos - k_pos <= window`. Query i always sees key `self_offset + i` (itself), so
+    padded queries never produce NaN.
+
+    q: (b, t, h, hd), pre-scaled; k, v: (b, s, hd); q_pos, q_doc: (b, t);
+    k_pos, k_doc: (b, s). Returns (b, t, h, hd). Logits are (b, h, t, s), softmax
+    in float32. Official: `modules.LocalAttentionBlock.forward`.
+    """
+    b, t, h, hd = q.shape
+    s = k.shape[1]
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # (b, t, 1), (b, 1, s)
+    mask = (kp >= 0) & (q_doc[:, :, None] == k_doc[:, None, :]) & (kp <= qp) & (qp - kp <= window)
+    diag = torch.arange(t, device=q.device)
+    mask[:, diag, diag + self_offset] = True  # (b, t, s)
+    logits = torch.einsum("bthd,bsd->bhts", q, k).float()  # (b, h, t, s)
+    logits = logits.masked_fill(~mask[:, None], torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    return torch.einsum("bhts,bsd->bthd", probs, v)
+
+
+class LocalAttentionBlock(nn.Module):
+    """Local multi-query attention (one key/value head) with RoPE.
+
+    Official: `modules.LocalAttentionBlock`. Long inputs are processed in query
+    chunks of `chunk_size`, so the attention logits are never larger than
+    (chunk_size x (window + chunk_size)) per head: memory is linear in t.
+    """
+
+    def __init__(self, config: GriffinConfig, device=None, dtype=None):
+        super().__init__()
+        d, hd = config.width, config.head_dim
+        kw = dict(device=device, dtype=dtype)
+        self.num_heads, self.head_dim = config.num_heads, hd
+        self.window = config.attention_window_size
+        self.rope_max_wavelength = config.rope_max_wavelength
+        self.proj_q = nn.Linear(d, d, bias=False, **kw)
+        self.proj_k = nn.Linear(d, hd, bias=False, **kw)
+        self.proj_v = nn.Linear(d, hd, bias=False, **kw)
+        self.proj_final = nn.Linear(d, d, bias=True, **kw)
+        self.chunk_size = 1024
+
+    def forward(self, x: Tensor, segment_pos: Tensor, state: AttentionState
+                ) -> tuple[Tensor, AttentionState]:
+        b, t, _ = x.shape
+        q = self.proj_q(x).view(b, t, self.num_heads, self.head_dim)  # (b, t, h, hd)
+        q = apply_rope(q, segment_pos, self.rope_max_wavelength) * self.head_dim ** -0.5
+        k = apply_rope(self.proj_k(x), segment_pos, self.rope_max_wavelength)  # (b, t, hd)
+        v = self.proj_v(x)  # (b, t, hd)
+        # Document index of each new token: 0 continues the state's document.
+        doc = torch.cumsum((segment_pos == 0).long(), dim=1)  # (b, t)
+
+        cache_k, cache_v, cache_pos = state.keys.to(k.dtype), state.values.to(v.dtype), state.positions
+        cache_doc = torch.zeros_like(cache_pos)
+        outs = []
+        for start in range(0, t, self.chunk_size):
+            sl = slice(start, min(t, start + self.chunk_size))
+            ctx_k = torch.cat([cache_k, k[:, sl]], dim=1)  # (b, s, hd)
+            ctx_v = torch.cat([cache_v, v[:, sl]], dim=1)
+            ctx_pos = torch.cat([cache_pos, segment_pos[:, sl]], dim=1)  # (b, s)
+            ctx_doc = torch.cat([cache_doc, doc[:, sl]], dim=1)
+            outs.append(local_attention(
+                q[:, sl], ctx_k, ctx_v, segment_pos[:, sl], ctx_pos, doc[:, sl], ctx_doc,
+                self.window, self_offset=cache_k.shape[1],
+            ))
+            keep = min(self.window, ctx_k.shape[1])
+            cache_k, cache_v = ctx_k[:, -keep:], ctx_v[:, -keep:]
+            cache_pos, cache_doc = ctx_pos[:, -keep:], ctx_doc[:, -keep:]
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (b, t, h, hd)
+
+        # Keys of documents before the row's last one can never be seen again.
+        last_doc = doc[:, -1:]  # (b, 1)
+        cache_pos = cache_pos.masked_fill(cache_doc != last_doc, -1)
+        missing = self.window - cache_k.shape[1]
+        if missing:  # only when starting from an empty (unallocated) cache
+            cache_k = F.pad(cache_k, (0, 0, missing, 0))
+            cache_v = F.pad(cache_v, (0, 0, missing, 0))
+            cache_pos = F.pad(cache_pos, (missing, 0), value=-1)
+        new_state = AttentionState(cache_k, cache_v, cache_pos)
+        return self.proj_final(out.reshape(b, t, -1)), new_state
+
+
+# ----------------------------------------------------------------------------------
+# MLP, residual block, model
+# ----------------------------------------------------------------------------------
+class MLPBlock(nn.Module):
+    """Gated MLP: `ffw_down(gelu_tanh(x W0 + b0) * (x W1 + b1))`.
+
+    Official: `modules.MLPBlock`, with `ffw_up.w` of shape (2, d, m) and
+    `ffw_up.b` of shape (2, 1, 1, m).
+    """
+
+    def __init__(self, width: int, expanded_width: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.ffw_up = nn.Module()
+        self.ffw_up.w = nn.Parameter(torch.empty(2, width, expanded_width, **kw))
+        self.ffw_up.b = nn.Parameter(torch.zeros(2, 1, 1, expanded_width, **kw))
+        self.ffw_down = nn.Linear(expanded_width, width, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.ffw_up.w, self.ffw_up.b
+        gate = F.gelu(torch.matmul(x, w[0]) + b[0, 0, 0], approximate="tanh")  # (b, t, m)
+        return self.ffw_down(gate * (torch.matmul(x, w[1]) + b[1, 0, 0]))
+
+
+class ResidualBlock(nn.Module):
+    """`h = x + temporal(norm(x))`; `out = h + mlp(norm(h))`. Official: `ResidualBlock`."""
+
+    def __init__(self, config: GriffinConfig, block_type: BlockType, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.block_type = block_type
+        self.temporal_pre_norm = RMSNorm(config.width, **kw)
+        if block_type == BlockType.RECURRENT:
+            self.recurrent_block = RecurrentBlock(config, **kw)
+        else:
+            self.attention_block = LocalAttentionBlock(config, **kw)
+        self.channel_pre_norm = RMSNorm(config.width, **kw)
+        self.mlp_block = MLPBlock(config.width, config.mlp_expanded_width, **kw)
+
+    @property
+    def temporal_block(self) -> nn.Module:
+        if self.block_type == BlockType.RECURRENT:
+            return self.recurrent_block
+        return self.attention_block
+
+    def forward(self, x: Tensor, segment_pos: Tensor, state):
+        y, state = self.temporal_block(self.temporal_pre_norm(x), segment_pos, state)
+        x = x + y
+        return x + self.mlp_block(self.channel_pre_norm(x)), state
+
+
+class Griffin(nn.Module):
+    """The Griffin / RecurrentGemma language model.
+
+    Args:
+        config: the `GriffinConfig`.
+        device, dtype: where and in which dtype to create the parameters. Use
+            `device="meta"` to build without allocating (e.g. before loading weights).
+
+    Official: `recurrentgemma.torch.Griffin` (same parameter names and shapes).
+    """
+
+    def __init__(self, config: GriffinConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        kw = dict(device=device, dtype=dtype)
+        self.embedder = Embedder(config.vocab_size, config.width, config.embedding_scale, **kw)
+        self.blocks = nn.ModuleList(ResidualBlock(config, bt, **kw) for bt in config.block_types)
+        self.final_norm = RMSNorm(config.width, **kw)
+        self.gradient_checkpointing = False
+        if torch.device(device or "cpu").type != "meta":
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Random initialisation following the official recipe's scales (variance
+        scaling by fan-in; output projections scaled by 2 / num_layers; RG-LRU
+        `a` so that a^c is uniform in [0.9, 0.999])."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cfg = self.config
+        out_scale = 2.0 / cfg.num_layers
+
+        def normal_(p: Tensor, std: float) -> None:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+        normal_(self.embedder.input_embedding, 1.0 / math.sqrt(cfg.width))
+        for block in self.blocks:
+            for name, p in block.named_parameters():
+                if p.ndim == 1 or name.endswith("ffw_up.b") or name.endswith(".b"):
+                    p.zero_()
+            mlp = block.mlp_block
+            normal_(mlp.ffw_up.w, 1.0 / math.sqrt(cfg.width))
+            normal_(mlp.ffw_down.weight, math.sqrt(out_scale / cfg.mlp_expanded_width))
+            tb = block.temporal_block
+            if block.block_type == BlockType.RECURRENT:
+                for lin in (tb.linear_x, tb.linear_y):
+                    normal_(lin.weight, 1.0 / math.sqrt(cfg.width))
+                normal_(tb.linear_out.weight, math.sqrt(out_scale / cfg.lru_width))
+                normal_(tb.conv_1d.w, 1.0 / math.sqrt(cfg.conv1d_temporal_width * 1.0))
+                bw = cfg.lru_width // cfg.num_heads
+                normal_(tb.rg_lru.input_gate.w, 1.0 / math.sqrt(bw))
+                normal_(tb.rg_lru.a_gate.w, 1.0 / math.sqrt(bw))
+                u = torch.rand(cfg.lru_width, generator=gen) * (0.999**2 - 0.9**2) + 0.9**2
+                a_real = 0.5 * torch.log(u)
+                tb.rg_lru.a_param.copy_(torch.log(torch.expm1(-a_real)))
+            else:
+                for lin in (tb.proj_q, tb.proj_k, tb.proj_v):
+                    normal_(lin.weight, 1.0 / math.sqrt(cfg.width))
+                normal_(tb.proj_final.weight, math.sqrt(out_scale / cfg.width))
+
+    def init_state(self, batch_size: int) -> GriffinState:
+        """An empty state for `batch_size` rows, on the model's device and dtype."""
+        p = self.embedder.input_embedding
+        return init_state(self.config, batch_size, device=p.device, dtype=p.dtype)
+
+    def state_nbytes(self, batch_size: int = 1) -> int:
+        """Bytes of the state for `batch_size` rows (fixed, whatever the length)."""
+        return init_state(self.config, batch_size, device="meta",
+                          dtype=self.embedder.input_embedding.dtype).nbytes()
+
+    # ------------------------------------------------------------------------------
+    def _check_inputs(self, tokens: Tensor, segment_pos: Tensor | None) -> None:
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise InputError(f"tokens must be an int tensor of shape (batch, time), got {shape}")
+        if tokens.is_floating_point() or tokens.is_complex():
+            raise InputError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise InputError(
+                    f"token id {bad} is out of range [0, {self.config.vocab_size}) "
+                    f"for vocab_size {self.config.vocab_size}"
+                )
+        if segment_pos is not None:
+            if not isinstance(segment_pos, Tensor) or segment_pos.shape != tokens.shape:
+                got = tuple(segment_pos.shape) if isinstance(segment_pos, Tensor) else segment_pos
+                raise InputError(
+                    f"segment_pos must have the shape of tokens {tuple(tokens.shape)}, got {got}"
+                )
+            if segment_pos.shape[1] > 1:
+                pad_after_token = (segment_pos[:, 1:] < 0) & (segment_pos[:, :-1] >= 0)
+                if bool(pad_after_token.any()):
+                    raise InputError("segment_pos -1 (padding) may only appear at the left of a row")
+
+    def forward(
+        self,
+        tokens: Tensor,
+        segment_pos: Tensor | None = None,
+        state: GriffinState | None = None,
+        *,
+        logits: LogitsMode = "all",
+        validate: bool = True,
+    ) -> tuple[Tensor | None, GriffinState]:
+        """Run the model on new tokens, continuing from `state`.
+
+        Args:
+            tokens: (b, t) int64 token ids.
+            segment_pos: (b, t) int position of each token in its document; 0 starts a
+                document, -1 marks left padding. Default: continue from the state's
+                positions (from 0 without a state).
+            state: a `GriffinState` from `init_state` or an earlier call; None starts
+                empty. It is not modified.
+            logits: "all" -> (b, t, v); "last" -> (b, 1, v) for the last position only;
+                "none" -> None (prefill that only needs the state).
+            validate: check token range, shapes and state (one host sync).
+
+        Returns:
+            (logits float32 soft-capped, new state). Any split of a sequence into calls
+            gives the logits of one call over the whole sequence.
+
+        Raises:
+            InputError: tokens out of vocabulary range, segment_pos of the wrong shape or
+            with padding after a token, a state from another config or batch size.
+        """
+        if validate:
+            self._check_inputs(tokens, segment_pos)
+        b, t = tokens.shape
+        if state is None:
+            state = self.init_state(b)
+        elif validate:
+            check_state(state, self.config, b)
+        if segment_pos is None:
+            segment_pos = state.next_pos[:, None] + torch.arange(t, device=tokens.device)
+        segment_pos = segment_pos.to(device=tokens.device, dtype=torch.long)
+
+        x = self.embedder.encode(tokens)  # (b, t, d)
+        new_blocks = []
+        for block, block_state in zip(self.blocks, state.blocks):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, block_state = torch.utils.checkpoint.checkpoint(
+                    block, x, segment_pos, block_state, use_reentrant=False
+                )
+            else:
+                x, block_state = block(x, segment_pos, block_state)
+            new_blocks.append(block_state)
+        next_pos = segment_pos[:, -1] + 1 if t else state.next_pos
+        new_state = GriffinState(tuple(new_blocks), next_pos.clamp(min=0))
+
+        if logits == "none":
+            return None, new_state
+        if logits == "last":
+            x = x[:, -1:]
+        out = self.embedder.decode(self.final_norm(x)).float()  # (b, t, v)
+        cap = self.config.logits_soft_cap
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out, new_state

@@ -1,0 +1,297 @@
+"""The model: parity with the official implementation on random weights, and the
+invariants (chunked prefill, decode, batching, packing, fixed-size state)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import rgemma.model as model_mod
+from oracle import random_model, random_pair
+from rgemma import GriffinConfig, InputError
+from rgemma.config import BlockType
+from rgemma.model import Griffin
+from rgemma.state import concat_states, load_state, save_state
+
+TOL = dict(rtol=0, atol=1e-4)
+
+# Every block kind, window 8, so 40+ token sequences exceed the window.
+CFG = GriffinConfig.preset("test-tiny")
+# Attention first and last, LRU width != width, 3 heads, no soft-cap or embedding scale.
+CFG_ODD = dataclasses.replace(
+    CFG, width=48, lru_width=36, num_heads=3,
+    block_types=(BlockType.ATTENTION, BlockType.RECURRENT, BlockType.ATTENTION),
+    embeddings_scale_by_sqrt_dim=False, logits_soft_cap=None, attention_window_size=5,
+)
+
+
+def official_logits(official, tokens, segment_pos):
+    with torch.no_grad():
+        logits, _ = official(tokens, segment_pos)
+    return logits.float()
+
+
+@pytest.fixture(scope="module", params=[CFG, CFG_ODD], ids=["tiny", "odd"])
+def pair(request):
+    return random_pair(request.param, seed=1)
+
+
+def test_parity_single_sequence(pair):
+    official, ours = pair
+    tokens = torch.randint(0, CFG.vocab_size, (1, 6))
+    pos = torch.arange(6)[None]
+    with torch.no_grad():
+        logits, _ = ours(tokens, pos)
+    assert logits.dtype == torch.float32 and logits.shape == (1, 6, CFG.vocab_size)
+    torch.testing.assert_close(logits, official_logits(official, tokens, pos), **TOL)
+
+
+def test_parity_longer_than_window(pair):
+    official, ours = pair
+    tokens = torch.randint(0, CFG.vocab_size, (2, 47))
+    pos = torch.arange(47).expand(2, -1)
+    with torch.no_grad():
+        logits, _ = ours(tokens)  # default segment_pos = arange
+    torch.testing.assert_close(logits, official_logits(official, tokens, pos), **TOL)
+
+
+def test_parity_packed_documents(pair):
+    official, ours = pair
+    tokens = torch.randint(0, CFG.vocab_size, (2, 44))
+    pos = torch.cat([torch.arange(13), torch.arange(20), torch.arange(11)])[None].repeat(2, 1)
+    pos[1] = torch.cat([torch.arange(30), torch.arange(14)])
+    with torch.no_grad():
+        logits, _ = ours(tokens, pos)
+    torch.testing.assert_close(logits, official_logits(official, tokens, pos), **TOL)
+
+
+def test_parity_left_padded_batch(pair):
+    official, ours = pair
+    lengths = [41, 5, 1, 20]
+    T = max(lengths)
+    tokens = torch.randint(0, CFG.vocab_size, (len(lengths), T))
+    pos = torch.full((len(lengths), T), -1)
+    for i, n in enumerate(lengths):
+        pos[i, T - n:] = torch.arange(n)
+    with torch.no_grad():
+        logits, _ = ours(tokens, pos)
+    ref = official_logits(official, tokens, pos)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(logits[i, T - n:], ref[i, T - n:], **TOL)
+        # And each row equals that sequence alone.
+        with torch.no_grad():
+            alone, _ = ours(tokens[i:i + 1, T - n:])
+        torch.testing.assert_close(logits[i, T - n:], alone[0], **TOL)
+
+
+def _model(cfg=CFG, seed=2):
+    return random_model(cfg, seed=seed)
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_ODD], ids=["tiny", "odd"])
+def test_chunked_prefill_and_decode_equal_full_forward(cfg):
+    model = _model(cfg)
+    T = 53
+    tokens = torch.randint(0, cfg.vocab_size, (3, T))
+    with torch.no_grad():
+        full, full_state = model(tokens)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):  # random chunkings
+            cuts = sorted(torch.randperm(T - 1, generator=g)[:6].add(1).tolist())
+            bounds = [0, *cuts, T]
+            state, outs = None, []
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                out, state = model(tokens[:, a:b], state=state)
+                outs.append(out)
+            torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+        # Prefill 10 tokens, then one decode step at a time.
+        out, state = model(tokens[:, :10])
+        outs = [out]
+        for t in range(10, T):
+            out, state = model(tokens[:, t:t + 1], state=state)
+            outs.append(out)
+        torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+        for s_full, s_step in zip(full_state.blocks, state.blocks):
+            for a, b in zip(s_full, s_step):
+                torch.testing.assert_close(a.float(), b.float(), **TOL)
+
+
+def test_multi_turn_continuation_with_document_starts():
+    """Continuing a state across packed documents and turns equals one pass."""
+    model = _model()
+    tokens = torch.randint(0, CFG.vocab_size, (2, 60))
+    pos = torch.cat([torch.arange(25), torch.arange(17), torch.arange(18)])[None].repeat(2, 1)
+    with torch.no_grad():
+        full, _ = model(tokens, pos)
+        state, outs = None, []
+        for a, b in [(0, 20), (20, 26), (26, 27), (27, 43), (43, 60)]:
+            out, state = model(tokens[:, a:b], pos[:, a:b], state)
+            outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+
+
+def test_two_packed_documents_equal_each_alone():
+    model = _model()
+    d1, d2 = torch.randint(0, CFG.vocab_size, (1, 19)), torch.randint(0, CFG.vocab_size, (1, 23))
+    pos = torch.cat([torch.arange(19), torch.arange(23)])[None]
+    with torch.no_grad():
+        packed, _ = model(torch.cat([d1, d2], 1), pos)
+        a, _ = model(d1)
+        b, _ = model(d2)
+    torch.testing.assert_close(packed, torch.cat([a, b], 1), **TOL)
+
+
+def test_batch_equals_rows_alone_and_state_rows():
+    model = _model()
+    tokens = torch.randint(0, CFG.vocab_size, (3, 30))
+    with torch.no_grad():
+        out, state = model(tokens)
+        states = []
+        for i in range(3):
+            alone, s = model(tokens[i:i + 1])
+            torch.testing.assert_close(out[i:i + 1], alone, **TOL)
+            states.append(s)
+        # Rows taken out of a batch state, or states merged into one, continue exactly.
+        nxt = torch.randint(0, CFG.vocab_size, (3, 4))
+        merged_out, _ = model(nxt, state=concat_states(states))
+        batch_out, _ = model(nxt, state=state)
+        row_out, _ = model(nxt[1:2], state=state.select(1))
+    torch.testing.assert_close(merged_out, batch_out, **TOL)
+    torch.testing.assert_close(row_out, batch_out[1:2], **TOL)
+
+
+def test_state_size_is_fixed():
+    model = _model()
+    with torch.no_grad():
+        _, s10 = model(torch.randint(0, CFG.vocab_size, (1, 10)))
+        _, s10k = model(torch.randint(0, CFG.vocab_size, (1, 10_000)), logits="none")
+    assert s10.nbytes() == s10k.nbytes() == model.state_nbytes(1) > 0
+    for a, b in zip(s10.blocks, s10k.blocks):
+        assert [t.shape for t in a] == [t.shape for t in b]
+
+
+def test_state_save_and_load(tmp_path):
+    model = _model()
+    tokens = torch.randint(0, CFG.vocab_size, (2, 25))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        _, state = model(tokens[:, :17])
+        save_state(state.select(1), tmp_path / "s.safetensors", CFG)
+        loaded = load_state(tmp_path / "s.safetensors", CFG)
+        out, _ = model(tokens[1:, 17:], state=loaded)
+    torch.testing.assert_close(out, full[1:, 17:], **TOL)
+    with pytest.raises(InputError, match="another model config"):
+        load_state(tmp_path / "s.safetensors", CFG_ODD)
+
+
+def test_logits_modes():
+    model = _model()
+    tokens = torch.randint(0, CFG.vocab_size, (2, 12))
+    with torch.no_grad():
+        full, s1 = model(tokens)
+        last, s2 = model(tokens, logits="last")
+        none, s3 = model(tokens, logits="none")
+    assert none is None and last.shape == (2, 1, CFG.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:])
+    torch.testing.assert_close(s2.blocks[0].rg_lru, s3.blocks[0].rg_lru)
+
+
+def test_gradients_flow_to_every_parameter():
+    model = _model().train()
+    tokens = torch.randint(0, CFG.vocab_size, (2, 20))
+    pos = torch.cat([torch.arange(12), torch.arange(8)])[None].repeat(2, 1)
+    logits, _ = model(tokens, pos)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    # Activation checkpointing gives the same gradients.
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    logits, _ = model(tokens, pos)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6)
+
+
+def test_sqrt_bound_derivative_caps_gradient():
+    x = torch.tensor([0.0, 1e-12, 0.25], requires_grad=True)
+    model_mod._SqrtBoundDerivative.apply(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([1000.0, 1000.0, 1.0]))
+
+
+def test_bfloat16_model_runs_and_tracks_float32():
+    model = _model()
+    tokens = torch.randint(0, CFG.vocab_size, (1, 30))
+    with torch.no_grad():
+        ref, _ = model(tokens)
+        out, state = model.to(torch.bfloat16)(tokens)
+    assert out.dtype == torch.float32 and state.blocks[0].rg_lru.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.5
+
+
+def test_long_prompt_attention_memory_is_bounded(monkeypatch):
+    """A 32,768-token prompt on a 2-layer, width-256 model: the attention logits are
+    never larger than chunk x (window + chunk)."""
+    cfg = GriffinConfig(vocab_size=256, width=256, mlp_expanded_width=512, num_heads=4,
+                        block_types=(BlockType.RECURRENT, BlockType.ATTENTION),
+                        attention_window_size=2048)
+    model = Griffin(cfg).eval()
+    chunk = model.blocks[1].attention_block.chunk_size
+    sizes = []
+    real = model_mod.local_attention
+
+    def spy(q, k, *args, **kwargs):
+        sizes.append(q.shape[1] * k.shape[1])
+        return real(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "local_attention", spy)
+    tokens = torch.randint(0, 256, (1, 32_768))
+    with torch.no_grad():
+        logits, state = model(tokens, logits="last")
+    assert torch.isfinite(logits).all()
+    assert len(sizes) == 32_768 // chunk
+    assert max(sizes) <= chunk * (cfg.attention_window_size + chunk)
+
+
+# ---------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    model = _model()
+    ok = torch.randint(0, CFG.vocab_size, (2, 5))
+    with pytest.raises(InputError, match="token id 256 is out of range"):
+        model(torch.full((1, 3), CFG.vocab_size))
+    with pytest.raises(InputError, match="token id -1 is out of range"):
+        model(torch.full((1, 3), -1))
+    with pytest.raises(InputError, match=r"shape \(batch, time\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(InputError, match="integer tensor"):
+        model(torch.zeros(1, 5))
+    with pytest.raises(InputError, match=r"segment_pos must have the shape of tokens \(2, 5\)"):
+        model(ok, torch.arange(5)[None])
+    with pytest.raises(InputError, match="padding"):
+        model(ok, torch.tensor([[0, 1, -1, 2, 3]] * 2))
+    _, state = model(ok)
+    with pytest.raises(InputError, match="batch size 2 but tokens have batch size 1"):
+        model(ok[:1], state=state)
+    other = _model(CFG_ODD)
+    _, other_state = other(ok)
+    with pytest.raises(InputError, match="another config"):
+        model(ok, state=other_state)
+
+
+@pytest.mark.parametrize("name,count", [
+    ("recurrentgemma-2b", 2_682_862_080), ("recurrentgemma-9b", 8_579_977_216),
+])
+def test_presets_parameter_counts(name, count):
+    cfg = GriffinConfig.preset(name)
+    model = Griffin(cfg, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == count == cfg.num_parameters()
+
+
+def test_embedding_scale_is_bfloat16_rounded():
+    assert GriffinConfig.preset("recurrentgemma-2b").embedding_scale == 50.5
+    assert GriffinConfig.preset("recurrentgemma-9b").embedding_scale == 64.0
+    assert GriffinConfig.preset("griffin-7b").embedding_scale == 1.0
