@@ -1,0 +1,137 @@
+"""Weight-only int8 quantization for fast batch-1 decode on CPU.
+
+Linear and embedding weights become int8 with one float scale per output channel
+(symmetric, absmax / 127). What the official maintainers warn needs care stays in
+float32: the RG-LRU parameters and its recurrence, the Conv1D, the norms, biases.
+
+Decode (few rows) runs `torch._weight_int8pack_mm` (int8 weights, bfloat16
+activations), which reads a quarter of the bytes of float32 weights: batch-1 decode
+is memory-bound, so that is the speed-up. Many rows (prefill) dequantize the weight
+to the activation dtype once per call and use a dense matmul, which is faster on
+CPUs without native bfloat16 matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import InputError
+from .model import Embedder, Griffin, MLPBlock
+
+# Up to this many rows per call, use the int8 kernel; above, dequantize.
+_INT8_KERNEL_MAX_ROWS = 16
+
+
+def _has_int8_kernel() -> bool:
+    return hasattr(torch, "_weight_int8pack_mm")
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel.
+
+    Args:
+        weight: (n, k) float, n output channels.
+    Returns:
+        (int8 (n, k), float32 scales (n,)) with `weight ~= q * scale[:, None]`.
+    """
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """`x @ (q * scale[:, None]).T` for x (..., k), q (n, k) int8 -> (..., n) in x.dtype."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] <= _INT8_KERNEL_MAX_ROWS and _has_int8_kernel() and x.device.type == "cpu":
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scale.to(torch.bfloat16))
+        return y.to(x.dtype).reshape(*lead, -1)
+    w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
+    return (x2 @ w.T).reshape(*lead, -1)
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for `nn.Linear` with an int8 weight (n, k), float32 scales and bias."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize_per_channel(linear.weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = int8_matmul(x, self.weight_int8, self.scale)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+
+class Int8MLPBlock(nn.Module):
+    """`MLPBlock` with int8 up and down projections."""
+
+    def __init__(self, mlp: MLPBlock):
+        super().__init__()
+        w, b = mlp.ffw_up.w.detach(), mlp.ffw_up.b.detach()
+        self.up = nn.ModuleList()
+        for i in range(2):
+            lin = nn.Linear(w.shape[1], w.shape[2])
+            lin.weight = nn.Parameter(w[i].T.float())  # (m, d)
+            lin.bias = nn.Parameter(b[i, 0, 0].float())
+            self.up.append(Int8Linear(lin))
+        self.ffw_down = Int8Linear(mlp.ffw_down)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = F.gelu(self.up[0](x), approximate="tanh")
+        return self.ffw_down(gate * self.up[1](x))
+
+
+class Int8Embedder(nn.Module):
+    """`Embedder` with an int8 table (v, d) and one scale per token row; the tied
+    output head uses the same int8 table."""
+
+    def __init__(self, embedder: Embedder):
+        super().__init__()
+        q, scale = quantize_per_channel(embedder.input_embedding)
+        self.register_buffer("table_int8", q)
+        self.register_buffer("row_scale", scale)
+        self.scale = embedder.scale
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        x = F.embedding(tokens, self.table_int8).float() * self.row_scale[tokens][..., None]
+        return x * self.scale if self.scale != 1.0 else x
+
+    def decode(self, x: Tensor) -> Tensor:
+        return int8_matmul(x, self.table_int8, self.row_scale)
+
+    @property
+    def input_embedding(self) -> Tensor:  # for dtype/device queries (init_state)
+        return self.row_scale
+
+
+def quantize(model: Griffin, mode: str = "int8") -> Griffin:
+    """Quantize a model's weights in place and return it.
+
+    Args:
+        model: a `Griffin`; it is converted to float32 first (int8 weights, float32
+            everything else: RG-LRU, conv, norms, biases, state).
+        mode: only "int8" (weight-only, per-channel) is supported.
+
+    Raises:
+        InputError: an unknown mode.
+    """
+    if mode != "int8":
+        raise InputError(f"unknown quantization mode {mode!r}; supported: 'int8'")
+    model.float()
+    for block in model.blocks:
+        tb = block.temporal_block
+        for name, child in list(tb.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(tb, name, Int8Linear(child))
+        block.mlp_block = Int8MLPBlock(block.mlp_block)
+    model.embedder = Int8Embedder(model.embedder)
+    model.quantization = mode
+    return model
