@@ -129,12 +129,12 @@ class Conv1D(nn.Module):
     def forward(self, x: Tensor, segment_pos: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
         """x: (b, t, e); segment_pos: (b, t); conv_state: (b, k, e) -> (out, new state)."""
         k = self.temporal_width - 1
-        t = x.shape[1]
         ctx = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (b, k + t, e)
-        out = x * self.w[k]
-        for j in range(1, k + 1):
-            tap = ctx[:, k - j: k - j + t] * self.w[k - j]  # x[t - j] * w[k - j]
-            out = out + tap * (segment_pos >= j).unsqueeze(-1).to(x.dtype)
+        windows = ctx.unfold(1, k + 1, 1)  # (b, t, e, k + 1): [..., j] = x[t - (k - j)]
+        # w[j] multiplies x[t - (k - j)]; that tap is kept iff segment_pos[t] >= k - j.
+        reach = torch.arange(k, -1, -1, device=x.device)  # (k + 1,): k - j
+        keep = (segment_pos[..., None] >= reach).to(x.dtype)  # (b, t, k + 1)
+        out = (windows * (keep[:, :, None, :] * self.w.T)).sum(-1)  # (b, t, e)
         return out + self.b, ctx[:, -k:]
 
 
@@ -225,7 +225,7 @@ def local_attention(
     padded queries never produce NaN.
 
     q: (b, t, h, hd), pre-scaled; k, v: (b, s, hd); q_pos, q_doc: (b, t);
-    k_pos, k_doc: (b, s). Returns (b, t, h, hd). Logits are (b, h, t, s), softmax
+    k_pos, k_doc: (b, s). Returns (b, t, h, hd). Logits are (b, t, h, s), softmax
     in float32. Official: `modules.LocalAttentionBlock.forward`.
     """
     b, t, h, hd = q.shape
@@ -234,10 +234,12 @@ def local_attention(
     mask = (kp >= 0) & (q_doc[:, :, None] == k_doc[:, None, :]) & (kp <= qp) & (qp - kp <= window)
     diag = torch.arange(t, device=q.device)
     mask[:, diag, diag + self_offset] = True  # (b, t, s)
-    logits = torch.einsum("bthd,bsd->bhts", q, k).float()  # (b, h, t, s)
-    logits = logits.masked_fill(~mask[:, None], torch.finfo(torch.float32).min)
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    return torch.einsum("bhts,bsd->bthd", probs, v)
+    # One key/value head: all heads' queries form one matrix, no transposes needed.
+    logits = torch.bmm(q.reshape(b, t * h, hd), k.transpose(1, 2))  # (b, t*h, s)
+    logits = logits.view(b, t, h, s).float()
+    logits = logits.masked_fill(~mask[:, :, None, :], torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)  # (b, t, h, s)
+    return torch.bmm(probs.view(b, t * h, s), v).view(b, t, h, hd)
 
 
 class LocalAttentionBlock(nn.Module):
