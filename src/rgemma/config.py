@@ -191,12 +191,13 @@ class GriffinConfig:
         if indices != list(range(len(indices))) or not indices:
             raise CheckpointError(f"cannot infer the config: block indices are {indices[:10]}...")
         block_types = []
-        lru_width, num_heads = None, None
+        lru_width, num_heads, conv_width = None, None, 4
         for i in indices:
             if f"blocks.{i}.recurrent_block.rg_lru.a_param" in state_dict:
                 block_types.append(BlockType.RECURRENT)
                 heads, block_width, _ = shape(f"blocks.{i}.recurrent_block.rg_lru.a_gate.w")
                 lru_width, num_heads = heads * block_width, heads
+                conv_width = shape(f"blocks.{i}.recurrent_block.conv_1d.w")[0]
             elif f"blocks.{i}.attention_block.proj_q.weight" in state_dict:
                 block_types.append(BlockType.ATTENTION)
                 head_dim = shape(f"blocks.{i}.attention_block.proj_k.weight")[0]
@@ -218,6 +219,7 @@ class GriffinConfig:
             attention_window_size=attention_window_size,
             embeddings_scale_by_sqrt_dim=embeddings_scale_by_sqrt_dim,
             logits_soft_cap=logits_soft_cap,
+            conv1d_temporal_width=conv_width,
         )
 
     def check_matches(self, other: GriffinConfig, *, what: str = "checkpoint") -> None:
