@@ -1,0 +1,62 @@
+"""Weight-only int8: what is quantized, what stays float32, and how close it stays."""
+
+import copy
+
+import pytest
+import torch
+
+from oracle import random_model
+from rgemma import GriffinConfig, InputError, quantize
+from rgemma.quantize import Int8Linear, int8_matmul, quantize_per_channel
+
+CFG = GriffinConfig.preset("test-small")
+
+
+def test_per_channel_round_trip_error_is_within_half_a_step():
+    w = torch.randn(64, 48)
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])  # int8 kernel path and dequantized path
+def test_int8_matmul_matches_dequantized_weight(rows):
+    w = torch.randn(96, 64)
+    q, scale = quantize_per_channel(w)
+    x = torch.randn(rows, 64)
+    ref = x @ (q.float() * scale[:, None]).T
+    # The kernel path computes in bfloat16: compare at bfloat16 resolution.
+    torch.testing.assert_close(int8_matmul(x, q, scale), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_quantized_model_keeps_recurrence_in_float32_and_stays_close():
+    model = random_model(CFG, std=0.05)
+    qmodel = quantize(copy.deepcopy(model).to(torch.bfloat16), "int8")
+    block = qmodel.blocks[0]
+    assert isinstance(block.recurrent_block.linear_x, Int8Linear)
+    assert block.recurrent_block.rg_lru.a_param.dtype == torch.float32
+    assert block.recurrent_block.conv_1d.w.dtype == torch.float32
+    assert block.temporal_pre_norm.scale.dtype == torch.float32
+    tokens = torch.randint(0, CFG.vocab_size, (2, 30))
+    with torch.no_grad():
+        ref, ref_state = model(tokens)
+        out, state = qmodel(tokens)
+        assert state.blocks[0].rg_lru.dtype == torch.float32
+        step_ref, _ = model(tokens[:, :1], state=ref_state)
+        step, _ = qmodel(tokens[:, :1], state=state)
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() < 0.02 * scale
+    assert (step - step_ref).abs().max() < 0.02 * scale
+    # Quantized decode (bfloat16 int8 kernel) agrees with its own prefill (dequantized
+    # float32 matmul) to bfloat16 resolution.
+    with torch.no_grad():
+        full, _ = qmodel(tokens)
+        _, s = qmodel(tokens[:, :29])
+        last, _ = qmodel(tokens[:, 29:], state=s)
+    torch.testing.assert_close(last[:, 0], full[:, 29], rtol=0, atol=5e-2)
+
+
+def test_unknown_mode():
+    with pytest.raises(InputError, match="unknown quantization mode 'int4'"):
+        quantize(random_model(CFG), "int4")
