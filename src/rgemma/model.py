@@ -162,7 +162,11 @@ class RGLRU(nn.Module):
         gate_a = torch.sigmoid(self.a_gate(x).float())
         log_a = -8.0 * gate_a * F.softplus(self.a_param.float())
         a = torch.exp(log_a)
-        multiplier = _SqrtBoundDerivative.apply(1.0 - torch.exp(2.0 * log_a))
+        one_minus_a2 = 1.0 - torch.exp(2.0 * log_a)
+        if torch.is_grad_enabled():
+            multiplier = _SqrtBoundDerivative.apply(one_minus_a2)
+        else:  # same forward value, without the autograd.Function overhead
+            multiplier = torch.sqrt(one_minus_a2)
         reset = (segment_pos == 0).unsqueeze(-1)  # (b, t, 1)
         a = a.masked_fill(reset, 0.0)
         multiplier = multiplier.masked_fill(reset, 1.0)
