@@ -32,6 +32,8 @@ _EXPORTS = {
     "generate": "generate",
     "stream": "generate",
     "GenerationResult": "generate",
+    "ChatSession": "generate",
+    "prompt_state": "generate",
     "train": "train",
     "quantize": "quantize",
     "RgemmaError": "errors",

@@ -67,11 +67,11 @@ class GriffinState(NamedTuple):
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
            ) -> GriffinState:
-        """Move to a device; `dtype` converts the activation-dtype tensors (not the
-        float32 RG-LRU state nor the int64 positions)."""
+        """Move to a device; `dtype` converts the activation-dtype tensors (conv inputs,
+        keys, values), never the float32 RG-LRU state nor the int64 positions."""
 
         def move(t: Tensor) -> Tensor:
-            if dtype is not None and t.is_floating_point() and t.dtype != torch.float32:
+            if dtype is not None:
                 t = t.to(dtype)
             return t.to(device) if device is not None else t
 

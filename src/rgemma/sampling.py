@@ -1,0 +1,207 @@
+"""Choosing the next token: small pure functions over logits.
+
+Every function takes logits of shape (b, v) float32 (one row per sequence) and
+returns a new tensor; nothing is modified in place. `sample` chains them in the
+usual order (that of HF transformers' logits warpers): temperature, then top-k,
+then top-p (nucleus), then min-p, each applied to what the previous one left,
+then one draw per row.
+
+The draw is an exponential race: `argmax(p / q)` with `q ~ Exponential(1)` i.i.d.
+per token, which picks token i with probability p_i (as `torch.multinomial`),
+never picks a token of probability 0, and needs no host sync. With a list of
+generators, row r's noise comes from generator r only, so its tokens do not depend
+on the other rows of the batch.
+
+The official samplers (`recurrentgemma/torch/sampler.py`) are greedy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+__all__ = [
+    "apply_temperature",
+    "greedy",
+    "make_generators",
+    "min_p_filter",
+    "sample",
+    "top_k_filter",
+    "top_p_filter",
+    "validate_sampling",
+]
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_sampling(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> None:
+    """Check sampling parameters.
+
+    Args:
+        temperature: >= 0; 0 means greedy.
+        top_k: int >= 0; 0 means no top-k filter.
+        top_p: in (0, 1]; 1 means no nucleus filter.
+        min_p: in [0, 1]; 0 means no min-p filter.
+
+    Raises:
+        InputError: a parameter is out of range or not a number (the message names
+            the parameter and its value).
+    """
+    if not _is_number(temperature) or math.isnan(temperature) or temperature < 0:
+        raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if math.isinf(temperature):
+        raise InputError(f"temperature must be finite, got {temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise InputError(f"top_k must be an int >= 0 (0 = no top-k filter), got {top_k!r}")
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p!r}")
+    if not _is_number(min_p) or not 0.0 <= min_p <= 1.0:
+        raise InputError(f"min_p must be in [0, 1] (0 = no min-p filter), got {min_p!r}")
+
+
+def greedy(logits: Tensor) -> Tensor:
+    """The most likely token of each row.
+
+    Args:
+        logits: (b, v) float.
+
+    Returns:
+        (b,) int64; on ties, the lowest id (as `torch.argmax`).
+    """
+    return torch.argmax(logits, dim=-1)
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """`logits / temperature` (temperature > 0). Returns (b, v) float32."""
+    return logits.float() / temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row, set the others to -inf.
+
+    Args:
+        logits: (b, v) float; k: 0 (no filter) or >= 1 (k >= v keeps everything).
+
+    Returns:
+        (b, v) float32. Ties at the k-th value are all kept.
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits.float()
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (b, 1)
+    return logits.float().masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability
+    sums to at least p (always at least the most likely one), set the others to -inf.
+
+    Args:
+        logits: (b, v) float; p in (0, 1] (1 = no filter).
+
+    Returns:
+        (b, v) float32.
+    """
+    logits = logits.float()
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (b, v)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of better tokens
+    drop_sorted = mass_before >= p  # the first token has mass_before 0 < p: always kept
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+    """Min-p filter: drop tokens whose probability is below `min_p` times the
+    probability of the most likely token (set their logits to -inf).
+
+    Args:
+        logits: (b, v) float; min_p in [0, 1] (0 = no filter).
+
+    Returns:
+        (b, v) float32.
+    """
+    logits = logits.float()
+    if min_p <= 0.0:
+        return logits
+    # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+    threshold = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def make_generators(
+    seed: int, batch_size: int, device: torch.device | str | None = None
+) -> list[torch.Generator]:
+    """One generator per row, row r seeded with `seed + r`.
+
+    So row r of a batch draws the same tokens as the same prompt run alone with
+    `seed + r` (up to the model's float rounding, which a batch may change).
+    """
+    device = torch.device(device or "cpu")
+    return [torch.Generator(device=device).manual_seed(seed + r) for r in range(batch_size)]
+
+
+def _exponential_noise(shape: torch.Size, device: torch.device, generator: Generators) -> Tensor:
+    """(b, v) i.i.d. Exponential(1) noise, clamped away from 0."""
+    if generator is None or isinstance(generator, torch.Generator):
+        q = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
+    else:
+        if len(generator) != shape[0]:
+            raise InputError(f"got {len(generator)} generators for a batch of {shape[0]} rows")
+        q = torch.empty(shape, device=device, dtype=torch.float32)
+        for row, gen in enumerate(generator):
+            q[row].exponential_(generator=gen)
+    return q.clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    generator: Generators = None,
+) -> Tensor:
+    """Draw one token per row.
+
+    Args:
+        logits: (b, v) float (float32 from the model, soft-capped).
+        temperature: 0 = greedy (argmax; the other parameters are then ignored).
+        top_k: keep the k most likely tokens (0 = all). `top_k=1` is greedy.
+        top_p: nucleus mass in (0, 1] (1 = all).
+        min_p: drop tokens less likely than `min_p * p_max` (0 = none).
+        generator: None (torch's global RNG), one `torch.Generator` for the whole
+            batch, or a sequence of b generators, one per row (see
+            `make_generators`). Generators must be on the logits' device.
+
+    Returns:
+        (b,) int64 token ids, on the logits' device.
+
+    Raises:
+        InputError: invalid parameters (see `validate_sampling`), logits not 2-D, or
+            a generator list whose length is not b.
+    """
+    validate_sampling(temperature, top_k, top_p, min_p)
+    if logits.ndim != 2:
+        raise InputError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
+    if temperature == 0.0 or top_k == 1:
+        return greedy(logits)
+    x = apply_temperature(logits, temperature)
+    x = top_k_filter(x, top_k)
+    x = top_p_filter(x, top_p)
+    x = min_p_filter(x, min_p)
+    probs = torch.softmax(x, dim=-1)  # (b, v); filtered tokens have probability 0
+    q = _exponential_noise(probs.shape, probs.device, generator)
+    return torch.argmax(probs / q, dim=-1)

@@ -1,0 +1,423 @@
+"""Generation: batching, stopping, streaming, sampling, chat and saved states."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest_gen import ScriptedModel, tiny_config, tiny_model, tokenizer
+from oracle import random_model
+
+from rgemma.errors import CheckpointError, InputError
+from rgemma.generate import (
+    ChatSession,
+    GenerationResult,
+    check_vocab,
+    generate,
+    prefill,
+    prompt_state,
+    stream,
+)
+from rgemma.sampling import min_p_filter, sample, top_k_filter, top_p_filter
+from rgemma.state import load_state, save_state
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(8, 400, (n - 1,), generator=g).tolist()
+
+
+def states_close(a, b, atol=1e-5) -> bool:
+    ta = [a.next_pos] + [t for s in a.blocks for t in s]
+    tb = [b.next_pos] + [t for s in b.blocks for t in s]
+    return all(
+        x.shape == y.shape and torch.allclose(x.float(), y.float(), atol=atol)
+        for x, y in zip(ta, tb)
+    )
+
+
+def state_after(model, ids):
+    """State after running `ids` from scratch (batch 1)."""
+    return prefill(model, torch.tensor([ids]), None, None)[1]
+
+
+# ----------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------
+def test_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    lp = probs.log()
+    kept = ~torch.isinf(top_p_filter(lp, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert (~torch.isinf(top_p_filter(lp, 0.01))).sum() == 1  # always the best one
+    kept = ~torch.isinf(min_p_filter(lp, 0.5))  # keep p >= 0.25
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_sample_distribution_and_greedy():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(4000, 4)
+    draws = sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert freq[3] == 0
+    assert torch.allclose(freq, probs, atol=0.04)
+    logits = torch.randn(5, 50)
+    assert torch.equal(sample(logits), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=0.7, top_k=1), logits.argmax(-1))
+    gens = [torch.Generator().manual_seed(i) for i in range(5)]
+    a = sample(logits, 1.0, generator=gens)
+    gens = [torch.Generator().manual_seed(i) for i in range(5)]
+    assert torch.equal(a, sample(logits, 1.0, generator=gens))
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(min_p=1.1), "min_p"),
+    ],
+)
+def test_sample_bad_params(kwargs, name):
+    with pytest.raises(InputError, match=name) as err:
+        sample(torch.zeros(1, 4), **kwargs)
+    assert str(next(iter(kwargs.values()))) in str(err.value)
+
+
+# ----------------------------------------------------------------------------------
+# Batching and prefill
+# ----------------------------------------------------------------------------------
+def test_batched_greedy_equals_single(model, tok):
+    assert model.config.attention_window_size == 8
+    prompts = [random_ids(1, 0), random_ids(5, 1), random_ids(40, 2)]
+    batched = generate(model, tok, prompts, max_new_tokens=12, chunk_size=7)
+    for p, res in zip(prompts, batched):
+        alone = generate(model, tok, [p], max_new_tokens=12)[0]
+        assert res.token_ids == alone.token_ids
+        assert res.text == alone.text == tok.decode(alone.token_ids)
+        assert res.prompt_tokens == len(p)
+        assert res.finish_reason == "length" and len(res.token_ids) == 12
+
+
+def test_text_prompts(model, tok):
+    prompts = ["", "Hello world", "To be, or not to be, that is the question: whether"]
+    batched = generate(model, tok, prompts, max_new_tokens=6)
+    assert batched[0].prompt_tokens == 1  # BOS only
+    for p, res in zip(prompts, batched):
+        ids = tok.encode(p)
+        assert res.token_ids == generate(model, tok, [ids], max_new_tokens=6)[0].token_ids
+    # A single string is a batch of one.
+    assert (
+        generate(model, tok, "Hello world", max_new_tokens=6)[0].token_ids == batched[1].token_ids
+    )
+    assert [r.token_ids for r in generate(model, tok, prompts, max_new_tokens=0)] == [[]] * 3
+
+
+def test_chunked_prefill_is_exact(model):
+    ids = torch.tensor([random_ids(30, 3)])
+    full_logits, full_state = prefill(model, ids, chunk_size=1000)
+    for chunk in (1, 7):
+        logits, state = prefill(model, ids, chunk_size=chunk)
+        assert torch.allclose(logits, full_logits, atol=1e-4)
+        assert states_close(state, full_state, atol=1e-4)
+
+
+def test_decode_steps_are_single_tokens(model, tok):
+    shapes = []
+
+    class Spy(ScriptedModel):
+        def forward(self, tokens, segment_pos=None, state=None, **kw):
+            shapes.append(tuple(tokens.shape))
+            return self.inner(tokens, segment_pos, state, **kw)
+
+    res = generate(
+        Spy(model),
+        tok,
+        [random_ids(20, 4), random_ids(3, 5)],
+        max_new_tokens=5,
+        chunk_size=8,
+        return_state=True,
+    )
+    assert shapes[:3] == [(2, 8), (2, 8), (2, 4)]  # chunked prefill
+    assert all(s[1] == 1 for s in shapes[3:])  # then one token per step
+    assert all(r.state.nbytes() == model.state_nbytes(1) for r in res)
+
+
+# ----------------------------------------------------------------------------------
+# Stopping
+# ----------------------------------------------------------------------------------
+def test_per_row_stop_on_eos_end_of_turn_and_length(model, tok):
+    sm = ScriptedModel(model)
+    p0, p1, p2 = random_ids(4, 10), random_ids(7, 11), random_ids(2, 12)
+    hello = tok.encode("Hello world", add_bos=False)
+    sm.script(p0, hello + [tok.eos_id, 300, 301])
+    sm.script(p1, [tok.end_of_turn_id, 302])
+    sm.script(p2, hello + hello)
+    res = generate(sm, tok, [p0, p1, p2], max_new_tokens=len(hello) + 2, return_state=True)
+    assert res[0].token_ids == hello and res[0].text == "Hello world"
+    assert res[0].finish_reason == "stop" and res[0].stop_token_id == tok.eos_id
+    assert res[1].token_ids == [] and res[1].text == "" and res[1].finish_reason == "stop"
+    assert res[1].stop_token_id == tok.end_of_turn_id
+    assert res[2].token_ids == (hello + hello)[: len(hello) + 2]
+    assert res[2].finish_reason == "length" and res[2].stop_token_id is None
+    # Each row's state is that after its prompt and its token_ids.
+    for p, r in zip((p0, p1, p2), res):
+        assert states_close(r.state, state_after(model, p + r.token_ids))
+
+
+def test_stop_strings_in_batch(model, tok):
+    sm = ScriptedModel(model)
+    p0, p1 = random_ids(3, 20), random_ids(6, 21)
+    text = "Hello world! The quick brown fox"
+    ids = tok.encode(text, add_bos=False)
+    sm.script(p0, ids)
+    sm.script(p1, ids)
+    stops = ["quick", "world"]
+    res = generate(sm, tok, [p0, p1], max_new_tokens=40, stop=stops, return_state=True)
+    for r in res:
+        assert r.text == "Hello "
+        assert r.finish_reason == "stop" and r.stop_string == "world"
+        decoded = tok.decode(r.token_ids)
+        assert "world" in decoded and "world" not in tok.decode(r.token_ids[:-1])
+        assert r.token_ids == ids[: len(r.token_ids)]
+    assert states_close(res[0].state, state_after(model, p0 + res[0].token_ids))
+    # Streaming holds back text that may start a stop string.
+    pieces = list(stream(sm, tok, p0, max_new_tokens=40, stop=["fox", "ld!"]))
+    assert "".join(pieces) == "Hello wor"
+
+
+def test_stop_string_real_model(model, tok):
+    prompts = [random_ids(5, 30), random_ids(9, 31)]
+    free = generate(model, tok, prompts, max_new_tokens=16)
+    text0 = free[0].text
+    stop = text0[4:7]
+    assert len(stop) == 3
+    res = generate(model, tok, prompts, max_new_tokens=16, stop=stop)
+    assert res[0].text == text0[: text0.index(stop)]
+    assert res[0].finish_reason == "stop"
+    assert res[0].token_ids == free[0].token_ids[: len(res[0].token_ids)]
+    assert len(res[0].token_ids) < 16
+    if stop not in free[1].text:
+        assert res[1].token_ids == free[1].token_ids
+
+
+# ----------------------------------------------------------------------------------
+# Streaming
+# ----------------------------------------------------------------------------------
+def test_stream_multibyte(model, tok):
+    text = "你好 😀 wörld"
+    ids = tok.encode(text, add_bos=False)
+    assert any(tok.is_byte(i) for i in ids)
+    sm = ScriptedModel(model)
+    prompt = random_ids(3, 40)
+    sm.script(prompt, ids + [tok.eos_id])
+    s = stream(sm, tok, prompt, max_new_tokens=100)
+    pieces = list(s)
+    assert "".join(pieces) == text == s.result.text
+    assert all(p and "\ufffd" not in p for p in pieces)
+    assert "你" in pieces[0] or pieces[0] == "你"
+    assert s.result.token_ids == ids
+    assert generate(sm, tok, [prompt], max_new_tokens=100)[0].text == text
+
+
+def test_stream_equals_generate_real_model(model, tok):
+    for prompt in ("Hello", random_ids(12, 41)):
+        for kw in (dict(), dict(temperature=1.0, seed=5), dict(stop=["e", "th"])):
+            pieces = list(stream(model, tok, prompt, max_new_tokens=20, **kw))
+            assert (
+                "".join(pieces) == generate(model, tok, [prompt], max_new_tokens=20, **kw)[0].text
+            )
+
+
+# ----------------------------------------------------------------------------------
+# Sampling through generate
+# ----------------------------------------------------------------------------------
+def test_seeded_sampling(model, tok):
+    prompts = [random_ids(6, 50), random_ids(2, 51)]
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, min_p=0.01)
+    a = generate(model, tok, prompts, seed=7, **kw)
+    b = generate(model, tok, prompts, seed=7, **kw)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    c = generate(model, tok, prompts, seed=8, **kw)
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+    # Row r uses seed + r, whatever the rest of the batch.
+    alone = generate(model, tok, [prompts[1]], seed=8, **kw)[0]
+    assert alone.token_ids == a[1].token_ids
+
+
+def test_top_k_one_is_greedy(model, tok):
+    prompts = [random_ids(6, 60), random_ids(11, 61)]
+    greedy = generate(model, tok, prompts, max_new_tokens=10)
+    topk = generate(model, tok, prompts, max_new_tokens=10, temperature=0.9, top_k=1, seed=0)
+    assert [r.token_ids for r in topk] == [r.token_ids for r in greedy]
+
+
+# ----------------------------------------------------------------------------------
+# Chat and saved states
+# ----------------------------------------------------------------------------------
+def test_chat_turn_ids_match_encode_chat(model, tok):
+    chat = ChatSession(model, tok, system="Be brief.")
+    first = chat.turn_ids("Hi there")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert first == tok.encode_chat(msgs)
+    chat.state = model.init_state(1)  # pretend a turn happened
+    second = chat.turn_ids("And you?")
+    reply = "Hello world! The fox."
+    full = msgs + [{"role": "model", "content": reply}, {"role": "user", "content": "And you?"}]
+    assert tok.encode_chat(full) == first + tok.encode(reply, add_bos=False) + second
+
+
+def test_chat_continuation_equals_whole_conversation(model, tok):
+    chat = ChatSession(model, tok, system="You are terse.", max_new_tokens=8)
+    history: list[int] = []
+    replies = []
+    for user in ("Hello", "Tell me about the sea.", "Why?"):
+        turn = chat.turn_ids(user)
+        s = chat.send_stream(user)
+        text = "".join(s)
+        assert text == s.result.text
+        # The same reply from the whole conversation re-processed from scratch.
+        whole = generate(model, tok, [history + turn], max_new_tokens=8)[0]
+        assert whole.token_ids == s.result.token_ids
+        history += turn + s.result.token_ids
+        replies.append(text)
+        assert states_close(chat.state, state_after(model, history), atol=1e-4)
+    assert chat.turns == 3
+    assert [m["content"] for m in chat.messages if m["role"] == "model"] == replies
+    chat.reset()
+    assert chat.state is None and chat.messages == []
+
+
+def test_chat_canonical_reply_equals_encode_chat(model, tok):
+    """With replies tokenized canonically, the state equals `encode_chat` of the whole
+    conversation re-encoded as text."""
+    sm = ScriptedModel(model)
+    chat = ChatSession(sm, tok, max_new_tokens=20)
+    r1, r2 = "Hello world!", "The quick fox."
+    t1 = chat.turn_ids("Hi")
+    sm.script(t1, tok.encode(r1, add_bos=False) + [tok.end_of_turn_id])
+    assert chat.send("Hi") == r1
+    t2 = chat.turn_ids("More")
+    prefix = t1 + tok.encode(r1, add_bos=False) + t2
+    sm.script(prefix, tok.encode(r2, add_bos=False) + [tok.end_of_turn_id])
+    assert chat.send("More") == r2
+    whole = tok.encode_chat(chat.messages, add_generation_prompt=False)
+    assert whole[-2:] == [tok.end_of_turn_id, tok.encode("\n", add_bos=False)[0]]
+    assert states_close(chat.state, state_after(model, whole[:-2]), atol=1e-4)
+
+
+def test_chat_save_and_load(model, tok, tmp_path):
+    a = ChatSession(model, tok, system="Hi.", max_new_tokens=6)
+    a.send("one")
+    a.send("two")
+    a.save_state(tmp_path / "chat.state")
+    b = ChatSession(model, tok, max_new_tokens=6)
+    b.load_state(tmp_path / "chat.state")
+    assert b.messages == a.messages and b.system == "Hi."
+    assert b.send("three") == a.send("three")
+    with pytest.raises(InputError, match="no state"):
+        ChatSession(model, tok).save_state(tmp_path / "x.state")
+    save_state(a.state, tmp_path / "bare.state", model.config)
+    with pytest.raises(CheckpointError, match="sidecar"):
+        b.load_state(tmp_path / "bare.state")
+
+
+def test_saved_prompt_state_equals_reprocessing(model, tok, tmp_path):
+    doc = "It is a truth universally acknowledged, that a single man in possession of"
+    state = prompt_state(model, tok, doc, chunk_size=5)
+    save_state(state, tmp_path / "doc.state", model.config)
+    loaded = load_state(tmp_path / "doc.state", model.config)
+    cont = [" a good", " fortune"]
+    res = generate(model, tok, cont, max_new_tokens=10, state=loaded, return_state=True)
+    for c, r in zip(cont, res):
+        ids = tok.encode(doc) + tok.encode(c, add_bos=False)
+        full = generate(model, tok, [ids], max_new_tokens=10)[0]
+        assert r.token_ids == full.token_ids
+        assert r.prompt_tokens == len(tok.encode(c, add_bos=False))
+        assert states_close(r.state, state_after(model, ids + r.token_ids), atol=1e-4)
+    # Continue again from a returned state.
+    again = generate(model, tok, " and", max_new_tokens=4, state=res[0].state)[0]
+    ids = (
+        tok.encode(doc)
+        + tok.encode(cont[0], add_bos=False)
+        + res[0].token_ids
+        + tok.encode(" and", add_bos=False)
+    )
+    assert again.token_ids == generate(model, tok, [ids], max_new_tokens=4)[0].token_ids
+
+
+# ----------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "prompts, kwargs, pattern",
+    [
+        ([], {}, "empty"),
+        (["hi"], dict(max_new_tokens=-1), "max_new_tokens.*-1"),
+        (["hi"], dict(max_new_tokens=2.5), "max_new_tokens"),
+        (["hi"], dict(temperature=-1.0), "temperature.*-1"),
+        (["hi"], dict(top_p=0.0), "top_p.*0"),
+        (["hi"], dict(top_p=1.5), "top_p.*1.5"),
+        (["hi"], dict(top_k=-2), "top_k.*-2"),
+        (["hi"], dict(min_p=1.5), "min_p.*1.5"),
+        (["hi"], dict(stop=[""]), "stop"),
+        (["hi"], dict(seed="x"), "seed"),
+        (["hi"], dict(chunk_size=0), "chunk_size"),
+        ([[2, 400]], {}, "400"),
+        ([[]], {}, "no tokens"),
+        ([3.5], {}, "prompts\\[0\\]"),
+    ],
+)
+def test_bad_input(model, tok, prompts, kwargs, pattern):
+    with pytest.raises(InputError, match=pattern):
+        generate(model, tok, prompts, **kwargs)
+
+
+def test_bad_state(model, tok):
+    state = model.init_state(2)
+    with pytest.raises(InputError, match="batch size"):
+        generate(model, tok, ["a", "b", "c"], state=state)
+    with pytest.raises(InputError, match="at least one new token"):
+        generate(model, tok, [""], state=model.init_state(1))
+    with pytest.raises(InputError, match="one prompt"):
+        stream(model, tok, [[2, 3], [2, 4]])
+    other = random_model(tiny_config(window=4))
+    with pytest.raises(InputError, match="another config"):
+        stream(model, tok, "x", state=other.init_state(1))  # raised before iterating
+
+
+def test_zero_new_tokens_with_state(model, tok):
+    ids = random_ids(9, 70)
+    r = generate(model, tok, [ids], max_new_tokens=0, return_state=True)[0]
+    assert r.token_ids == [] and r.text == "" and r.finish_reason == "length"
+    assert states_close(r.state, state_after(model, ids))
+
+
+def test_vocab_check(tok):
+    small = random_model(tiny_config().__class__.preset("test-tiny"))  # vocab 256 < 400
+    with pytest.raises(CheckpointError, match="400.*256"):
+        check_vocab(small, tok)
+    check_vocab(tiny_model(), tok)
+
+
+def test_result_fields(model, tok):
+    r = generate(model, tok, "Hello", max_new_tokens=3)[0]
+    assert isinstance(r, GenerationResult) and r.state is None
+    assert r.prefill_seconds >= 0 and r.decode_seconds >= 0 and not math.isnan(r.decode_seconds)
