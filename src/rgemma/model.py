@@ -391,7 +391,7 @@ class Griffin(nn.Module):
         out_scale = 2.0 / cfg.num_layers
 
         def normal_(p: Tensor, std: float) -> None:
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+            p.normal_(0.0, std, generator=gen)  # in place: no float32 temporary
 
         normal_(self.embedder.input_embedding, 1.0 / math.sqrt(cfg.width))
         for block in self.blocks:

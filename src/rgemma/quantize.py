@@ -36,10 +36,16 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         (int8 (n, k), float32 scales (n,)) with `weight ~= q * scale[:, None]`.
     """
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
+    n = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    step = max(1, (1 << 24) // max(1, weight.shape[1]))  # rows per chunk: ~64 MB of float32
+    for i in range(0, n, step):  # chunked, so a 256k-row embedding needs no full copy
+        w = weight[i:i + step].detach().float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[i:i + step] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[i:i + step] = s
+    return q, scale
 
 
 def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
@@ -56,14 +62,17 @@ def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 class Int8Linear(nn.Module):
     """Drop-in for `nn.Linear` with an int8 weight (n, k), float32 scales and bias."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
-        q, scale = quantize_per_channel(linear.weight)
+        q, scale = quantize_per_channel(weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("bias", bias.detach().float() if bias is not None else None)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         y = int8_matmul(x, self.weight_int8, self.scale)
@@ -76,13 +85,9 @@ class Int8MLPBlock(nn.Module):
     def __init__(self, mlp: MLPBlock):
         super().__init__()
         w, b = mlp.ffw_up.w.detach(), mlp.ffw_up.b.detach()
-        self.up = nn.ModuleList()
-        for i in range(2):
-            lin = nn.Linear(w.shape[1], w.shape[2])
-            lin.weight = nn.Parameter(w[i].T.float())  # (m, d)
-            lin.bias = nn.Parameter(b[i, 0, 0].float())
-            self.up.append(Int8Linear(lin))
-        self.ffw_down = Int8Linear(mlp.ffw_down)
+        # ffw_up.w[i] is (d, m); per output channel means per column: quantize w[i].T.
+        self.up = nn.ModuleList(Int8Linear(w[i].T, b[i, 0, 0]) for i in range(2))
+        self.ffw_down = Int8Linear.from_linear(mlp.ffw_down)
 
     def forward(self, x: Tensor) -> Tensor:
         gate = F.gelu(self.up[0](x), approximate="tanh")
@@ -125,13 +130,14 @@ def quantize(model: Griffin, mode: str = "int8") -> Griffin:
     """
     if mode != "int8":
         raise InputError(f"unknown quantization mode {mode!r}; supported: 'int8'")
-    model.float()
+    # Module by module, so peak memory stays near the model's own size.
+    model.embedder = Int8Embedder(model.embedder)
     for block in model.blocks:
         tb = block.temporal_block
         for name, child in list(tb.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(tb, name, Int8Linear(child))
+                setattr(tb, name, Int8Linear.from_linear(child))
         block.mlp_block = Int8MLPBlock(block.mlp_block)
-    model.embedder = Int8Embedder(model.embedder)
+    model.float()  # what is left: RG-LRU, conv, norms (int8 buffers are not touched)
     model.quantization = mode
     return model

@@ -1,0 +1,447 @@
+"""Load benchmark of `rgemma serve`: concurrent streaming clients on loopback.
+
+Starts `rgemma serve` as a subprocess on 127.0.0.1 (a free port), then runs two
+phases over the same list of requests:
+
+1. continuous batching: `--clients` concurrent streaming clients share the
+   requests (each sends its next request as soon as the previous one ends);
+2. one at a time: the same requests sent sequentially by one client.
+
+Both phases stop by themselves: after all `--requests` requests, or after
+`--duration` seconds (requests still running then are let finish, none new is
+sent). It reports completed requests, failures (must be 0), aggregate output
+tokens/s, time to first token and inter-token latency percentiles, and the
+server's resident memory (RSS) after warm-up, after each round of phase 1, and at
+the end (must stay flat: the state per request is fixed, the prefix cache and
+metrics are bounded). Output: a Markdown summary on stdout (`--json FILE` for the
+raw figures).
+
+Without `--model`, a random model is built (the bundled tokenizer, a small Griffin
+of `--width` / `--layers`) in a temporary directory: the numbers then measure the
+serving stack, not a real model.
+
+Examples:
+    python benchmarks/serve_load.py --requests 48 --clients 16 --max-tokens 32
+    python benchmarks/serve_load.py --model ./recurrentgemma-2b-it --requests 256 \\
+        --clients 32 --max-tokens 128 --duration 300 --threads 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEXTS = [
+    (
+        "It is a truth universally acknowledged, that a single man in possession of a good "
+        "fortune, must be in want of a wife."
+    ),
+    (
+        "Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
+        "money in my purse, I thought I would sail about a little."
+    ),
+    (
+        "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+        "the slings and arrows of outrageous fortune."
+    ),
+    "The quick brown fox jumps over the lazy dog.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain why the sky is blue in two sentences.",
+]
+SYSTEM = "You are a concise assistant. Answer in plain English, in a few sentences at most."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_random_model(directory: Path, width: int, layers: int, seed: int) -> Path:
+    """A random Griffin with the bundled tokenizer, saved as an rgemma checkpoint."""
+    import torch
+
+    from rgemma.checkpoint import save_model
+    from rgemma.config import GriffinConfig, griffin_pattern
+    from rgemma.model import Griffin
+    from rgemma.tokenizer import BUNDLED_TOKENIZER_PATH, Tokenizer
+
+    vocab = Tokenizer(BUNDLED_TOKENIZER_PATH).vocab_size
+    heads = max(1, width // 64)
+    cfg = GriffinConfig(
+        vocab_size=vocab,
+        width=width,
+        mlp_expanded_width=3 * width,
+        num_heads=heads,
+        lru_width=width,
+        block_types=griffin_pattern(layers),
+        attention_window_size=256,
+    )
+    torch.manual_seed(seed)
+    model = Griffin(cfg)
+    model.reset_parameters(seed)
+    return save_model(model, directory / "model", tokenizer_path=BUNDLED_TOKENIZER_PATH)
+
+
+def make_requests(n: int, max_tokens: int, seed: int) -> list[tuple[str, dict]]:
+    """(path, body) pairs: a mix of chat (shared system prompt) and completions of
+    different prompt lengths; sampled with a per-request seed (reproducible)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(TEXTS) for _ in range(rng.randint(1, 4)))
+        common = {
+            "max_tokens": max_tokens,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "seed": i,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if i % 2:
+            out.append(
+                (
+                    "/v1/chat/completions",
+                    {
+                        "messages": [
+                            {"role": "system", "content": SYSTEM},
+                            {"role": "user", "content": text},
+                        ],
+                        **common,
+                    },
+                )
+            )
+        else:
+            out.append(("/v1/completions", {"prompt": text, **common}))
+    return out
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "n": 0}
+    xs = sorted(xs)
+
+    def q(p: float) -> float:
+        return xs[min(len(xs) - 1, round(p * (len(xs) - 1)))]
+
+    return {
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "p99": q(0.99),
+        "mean": statistics.fmean(xs),
+        "n": len(xs),
+    }
+
+
+async def one_request(client, path: str, body: dict, headers: dict) -> dict:
+    """Send one streaming request; time its chunks."""
+    t0 = time.perf_counter()
+    first, last, gaps, tokens, error = None, None, [], 0, None
+    try:
+        async with client.stream("POST", path, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            else:
+                done = False
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        error = chunk["error"]["message"]
+                        break
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    for c in chunk.get("choices", []):
+                        piece = c.get("text") or (c.get("delta") or {}).get("content")
+                        if piece:
+                            now = time.perf_counter()
+                            if first is None:
+                                first = now
+                            else:
+                                gaps.append(now - last)
+                            last = now
+                if not done and error is None:
+                    error = "stream ended without [DONE]"
+    except Exception as err:  # noqa: BLE001 - a failure to report, not to crash on
+        error = f"{type(err).__name__}: {err}"
+    return {
+        "ttft": None if first is None else first - t0,
+        "gaps": gaps,
+        "tokens": tokens,
+        "error": error,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+async def run_phase(url: str, requests: list, clients: int, duration: float, headers: dict) -> dict:
+    import httpx
+
+    queue = list(requests)
+    results: list[dict] = []
+    t_start = time.perf_counter()
+    deadline = t_start + duration
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(600.0), limits=limits
+    ) as client:
+
+        async def worker() -> None:
+            while queue and time.perf_counter() < deadline:
+                path, body = queue.pop(0)
+                results.append(await one_request(client, path, body, headers))
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t_start
+    ok = [r for r in results if r["error"] is None]
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "clients": clients,
+        "sent": len(results),
+        "completed": len(ok),
+        "failures": len(results) - len(ok),
+        "errors": sorted({r["error"] for r in results if r["error"]})[:5],
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "itl_s": percentiles([g for r in ok for g in r["gaps"]]),
+    }
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready after {timeout:.0f} s")
+
+
+def fmt_ms(p: dict) -> str:
+    return " / ".join(f"{p[k] * 1000:.1f}" for k in ("p50", "p90", "p99")) if p["n"] else "-"
+
+
+class Server:
+    """`rgemma serve` in a subprocess (its own session) on a free loopback port."""
+
+    def __init__(self, args: argparse.Namespace, model: str, tmp: Path, name: str) -> None:
+        self.key = "sk-bench"
+        self.url = f"http://127.0.0.1:{free_port()}"
+        cmd = [sys.executable, "-m", "rgemma", "serve", "--model", model]
+        cmd += ["--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]]
+        cmd += ["--max-batch-size", str(args.clients)]
+        cmd += ["--max-queue", str(max(64, args.clients * 2))]
+        cmd += ["--max-tokens", str(max(args.max_tokens, 16))]
+        cmd += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+        cmd += ["--log-level", "warning", "--api-key", self.key]
+        for opt in ("threads", "device", "dtype", "quantize"):
+            if getattr(args, opt) is not None:
+                cmd += [f"--{opt}", str(getattr(args, opt))]
+        self.log_path = tmp / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=log)
+        try:
+            wait_ready(self.url, self.proc, timeout=300)
+        except BaseException:
+            sys.stderr.write(self.log_path.read_text(errors="replace")[-4000:])
+            self.close()
+            raise
+        self.headers = {"Authorization": f"Bearer {self.key}"}
+
+    def phase(self, requests: list, clients: int, duration: float) -> dict:
+        return asyncio.run(run_phase(self.url, requests, clients, duration, self.headers))
+
+    def metric(self, name: str) -> float:
+        import httpx
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return float("nan")
+
+    def memory(self) -> dict:
+        """Server RSS and the prefix cache's share of it, in MiB."""
+        return {
+            "rss": rss_mb(self.proc.pid),
+            "cache": self.metric("rgemma_prefix_cache_bytes") / 2**20,
+        }
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the session this script started
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(15)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", help="checkpoint to serve (default: a random model)")
+    ap.add_argument("--width", type=int, default=256, help="random model width (default 256)")
+    ap.add_argument("--layers", type=int, default=6, help="random model layers (default 6)")
+    ap.add_argument("--requests", type=int, default=64, help="requests per round (default 64)")
+    ap.add_argument(
+        "--clients",
+        type=int,
+        default=16,
+        help="concurrent clients with batching; also --max-batch-size (default 16)",
+    )
+    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens (default 64)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="batched rounds, each with new requests, to see memory stay flat (default 3)",
+    )
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=120.0,
+        help="most seconds per round or phase (default 120)",
+    )
+    ap.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=64.0,
+        help="server prefix-cache budget (default 64)",
+    )
+    ap.add_argument("--skip-sequential", action="store_true", help="skip the one-at-a-time phase")
+    ap.add_argument("--threads", type=int, help="server torch threads")
+    ap.add_argument("--device", help="server device (default cpu)")
+    ap.add_argument("--dtype", help="server dtype")
+    ap.add_argument("--quantize", choices=("int8",))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    args = ap.parse_args(argv)
+    if min(args.requests, args.clients, args.max_tokens, args.rounds) < 1:
+        ap.error("--requests, --clients, --max-tokens and --rounds must be >= 1")
+
+    tmp = Path(tempfile.mkdtemp(prefix="rgemma-serve-load-"))
+    warm = make_requests(args.clients, args.max_tokens, args.seed + 10_000)
+    rounds = [
+        make_requests(args.requests, args.max_tokens, args.seed + r) for r in range(args.rounds)
+    ]
+    batched, sequential, memory, hits = [], None, {}, float("nan")
+    try:
+        model = args.model or str(make_random_model(tmp, args.width, args.layers, args.seed))
+        # Continuous batching: warm up at full concurrency (the allocator's pools grow
+        # to the batch size once), then rounds of new requests; memory after each.
+        server = Server(args, model, tmp, "batched")
+        try:
+            server.phase(warm, len(warm), args.duration)
+            memory["after warm-up"] = server.memory()
+            for r, requests in enumerate(rounds):
+                batched.append(server.phase(requests, args.clients, args.duration))
+                memory[f"after round {r + 1}"] = server.memory()
+            hits = server.metric("rgemma_prefix_cache_hits_total")
+        finally:
+            server.close()
+        # One at a time: a fresh server (same warm-up, same cache state), round 1 again.
+        if not args.skip_sequential:
+            server = Server(args, model, tmp, "sequential")
+            try:
+                server.phase(warm, len(warm), args.duration)
+                sequential = server.phase(rounds[0], 1, args.duration)
+            finally:
+                server.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    what = args.model or f"random Griffin width {args.width}, {args.layers} layers, vocab 4096"
+    lines = [
+        f"### rgemma serve load test ({what})",
+        "",
+        (
+            f"{args.requests} streaming requests per round (half chat with a shared system "
+            f"prompt, half completions; prompts of 1-4 sentences; new requests each round), "
+            f"max_tokens {args.max_tokens}, temperature 0.8; server threads: "
+            f"{args.threads or 'default'}, device: {args.device or 'cpu'}, prefix cache "
+            f"{args.prefix_cache_mb:g} MiB."
+        ),
+        "",
+        (
+            "| phase | clients | completed | failures | wall s | out tokens | tokens/s "
+            "| TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    phases = [(f"continuous batching, round {i + 1}", r) for i, r in enumerate(batched)]
+    if sequential is not None:
+        phases.append(("one at a time (round 1's requests)", sequential))
+    for name, r in phases:
+        lines.append(
+            f"| {name} | {r['clients']} | {r['completed']}/{r['sent']} | "
+            f"{r['failures']} | {r['wall_s']:.1f} | {r['tokens']} | "
+            f"{r['tokens_per_s']:.1f} | {fmt_ms(r['ttft_s'])} | {fmt_ms(r['itl_s'])} |"
+        )
+    lines.append("")
+    if sequential is not None and sequential["tokens_per_s"] > 0:
+        speedup = batched[0]["tokens_per_s"] / sequential["tokens_per_s"]
+        lines.append(
+            f"Continuous batching / one at a time (same requests): {speedup:.2f}x "
+            "aggregate tokens/s."
+        )
+    lines.append(
+        "Server memory, RSS (of which prefix cache) MiB: "
+        + ", ".join(f"{k} {v['rss']:.0f} ({v['cache']:.1f})" for k, v in memory.items())
+        + "."
+    )
+    lines.append(f"Prefix-cache hits (batched server): {hits:.0f}.")
+    errors = sorted({e for _, r in phases for e in r["errors"]})
+    if errors:
+        lines.append("Errors: " + "; ".join(errors))
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "batched": batched,
+                    "sequential": sequential,
+                    "memory_mb": memory,
+                    "prefix_cache_hits": hits,
+                    "args": vars(args),
+                },
+                f,
+                indent=1,
+            )
+    failures = sum(r["failures"] for _, r in phases)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
