@@ -1,20 +1,24 @@
 """Load benchmark of `rgemma serve`: concurrent streaming clients on loopback.
 
-Starts `rgemma serve` as a subprocess on 127.0.0.1 (a free port), then runs two
-phases over the same list of requests:
+Starts `rgemma serve` as a subprocess on 127.0.0.1 (a free port) and measures:
 
-1. continuous batching: `--clients` concurrent streaming clients share the
-   requests (each sends its next request as soon as the previous one ends);
-2. one at a time: the same requests sent sequentially by one client.
+1. continuous batching: `--clients` concurrent streaming clients (also the
+   server's `--max-batch-size`) share `--requests` requests, each client sending
+   its next request as soon as the previous one ends; repeated for `--rounds`
+   rounds, each with new requests (new prompts: the prefix cache keeps filling up
+   to its budget);
+2. one at a time: a fresh server (same warm-up, so the same cache state) gets
+   round 1's requests from a single client.
 
-Both phases stop by themselves: after all `--requests` requests, or after
-`--duration` seconds (requests still running then are let finish, none new is
-sent). It reports completed requests, failures (must be 0), aggregate output
-tokens/s, time to first token and inter-token latency percentiles, and the
-server's resident memory (RSS) after warm-up, after each round of phase 1, and at
-the end (must stay flat: the state per request is fixed, the prefix cache and
-metrics are bounded). Output: a Markdown summary on stdout (`--json FILE` for the
-raw figures).
+Every round stops by itself: after its requests, or after `--duration` seconds
+(requests running then finish, none new is sent). It reports completed requests,
+failures (must be 0), aggregate output tokens/s, time to first token and
+inter-token latency percentiles (client side: gaps between streamed chunks), and
+the server's resident memory (RSS, and the prefix cache's share from /metrics)
+after warm-up and after each round: it must stay flat whatever the number of
+requests served (the state per sequence is fixed, the prefix cache and the
+metrics are bounded). Output: a Markdown summary on stdout (`--json FILE` for
+the raw figures); exit code 1 if any request failed.
 
 Without `--model`, a random model is built (the bundled tokenizer, a small Griffin
 of `--width` / `--layers`) in a temporary directory: the numbers then measure the

@@ -519,6 +519,14 @@ register_command(
     "train-tokenizer", cli_train.add_train_tokenizer_parser, cli_train.run_train_tokenizer
 )
 
+from . import cli_serve
+
+register_command("serve", cli_serve.add_serve_parser, cli_serve.run_serve)
+
+from . import bench
+
+register_command("bench", bench.add_parser, bench.run)
+
 
 # ----------------------------------------------------------------------------------
 # Entry point

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, InputError
-from .sampling import make_generators, sample, validate_sampling
+from .sampling import make_generators, mask_beyond_vocab, sample, validate_sampling
 from .state import GriffinState, concat_states
 
 __all__ = [
@@ -237,7 +237,7 @@ class GenerationResult:
     decode_seconds: float = 0.0
 
 
-class _RowText:
+class RowText:
     """Decodes one row's ids into text pieces safe to print, and finds stop strings.
 
     A piece never ends inside a UTF-8 character (the tokenizer's `StreamDecoder`
@@ -497,10 +497,7 @@ class _Generation:
 
     # -- decode ------------------------------------------------------------------
     def _sample(self, logits: Tensor, gens: list[torch.Generator] | None) -> Tensor:
-        n = self.tokenizer.vocab_size
-        if logits.shape[-1] > n:  # model vocab padded beyond the tokenizer's: never sample
-            logits = logits.clone()
-            logits[:, n:] = float("-inf")
+        logits = mask_beyond_vocab(logits, self.tokenizer.vocab_size)
         return sample(logits, generator=gens, **self.sampling)
 
     @torch.no_grad()
@@ -533,7 +530,7 @@ class _Generation:
         gens = make_generators(self.seed, b, device) if self.seed is not None else None
 
         ids: list[list[int]] = [[] for _ in range(b)]
-        texts = [_RowText(tokenizer, self.stops) for _ in range(b)]
+        texts = [RowText(tokenizer, self.stops) for _ in range(b)]
         reason: list[str | None] = [None] * b
         stop_token: list[int | None] = [None] * b
         snaps: list[GriffinState | None] = [None] * b

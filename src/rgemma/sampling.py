@@ -205,3 +205,14 @@ def sample(
     probs = torch.softmax(x, dim=-1)  # (b, v); filtered tokens have probability 0
     q = _exponential_noise(probs.shape, probs.device, generator)
     return torch.argmax(probs / q, dim=-1)
+
+
+def mask_beyond_vocab(logits: Tensor, vocab_size: int) -> Tensor:
+    """Logits (..., v) with ids >= `vocab_size` set to -inf (a model vocabulary padded
+    beyond its tokenizer's: those ids are never sampled). Returns `logits` itself when
+    there is nothing to mask."""
+    if logits.shape[-1] <= vocab_size:
+        return logits
+    logits = logits.clone()
+    logits[..., vocab_size:] = float("-inf")
+    return logits

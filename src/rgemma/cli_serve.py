@@ -1,0 +1,192 @@
+"""`rgemma serve`: the OpenAI-compatible server (see `rgemma.serve`).
+
+Registered in `rgemma.cli` with `register_command`. FastAPI, uvicorn and torch are
+imported only when the handler runs, so `rgemma --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+__all__ = ["add_serve_parser", "run_serve"]
+
+SERVE_EPILOG = """\
+examples:
+  rgemma serve --model ./recurrentgemma-2b-it
+  rgemma serve --model ./recurrentgemma-2b-it --max-batch-size 32 --api-key sk-local
+  rgemma serve --quantize int8 --port 8080
+
+Then point any OpenAI client at it:
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
+  client.chat.completions.create(model="rgemma", messages=[{"role": "user",
+                                 "content": "Hi"}], max_tokens=64)
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with
+"stream": true), GET /v1/models, GET /health, GET /metrics (Prometheus).
+The server binds 127.0.0.1 unless --host says otherwise; give --api-key before
+exposing it. Needs the serve extra: pip install 'rgemma[serve]'.
+"""
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> None:
+    from .errors import InputError
+
+    if value < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from .cli import add_common_options, new_parser
+
+    p = new_parser(
+        subparsers,
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve a model with continuous batching over an OpenAI-compatible "
+        "HTTP API (completions and chat completions, streaming).",
+        epilog=SERVE_EPILOG,
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="most sequences decoded together (default 16)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="most requests waiting for a slot; more get 503 (default 64)",
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("RGEMMA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $RGEMMA_API_KEY, else no key)",
+    )
+    p.add_argument("--quantize", choices=("int8",), help="weight-only int8 quantization")
+    p.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="model id in /v1/models and responses (default: the checkpoint "
+        "directory's name, or 'rgemma')",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="longest prompt accepted (default 8192)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="largest max_tokens accepted; the chat default (default 4096)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        metavar="N",
+        help="prompt tokens per prefill step: the longest pause a new prompt "
+        "causes the running requests (default 256)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=1024.0,
+        metavar="MB",
+        help="memory for cached prefix states, 0 = no cache (default 1024)",
+    )
+    p.add_argument(
+        "--prefix-block",
+        type=int,
+        default=256,
+        metavar="N",
+        help="prefix-cache boundaries every N tokens (default 256)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn log level (default info)",
+    )
+    add_common_options(p)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .cli import setup_torch
+    from .errors import InputError
+
+    for name in (
+        "max_batch_size",
+        "prefill_chunk",
+        "prefix_block",
+        "max_prompt_tokens",
+        "max_tokens",
+    ):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    _positive("--max-queue", args.max_queue, 0)
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    if args.prefix_cache_mb < 0:
+        raise InputError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
+    try:
+        import uvicorn
+
+        from .serve.app import ServeConfig, create_app
+    except ImportError as err:
+        raise InputError(
+            f"rgemma serve needs FastAPI and uvicorn ({err}); install them "
+            "with: pip install 'rgemma[serve]'"
+        ) from None
+    setup_torch(args)
+    from .generate import load
+
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    if args.quantize:
+        from .quantize import quantize
+
+        model = quantize(model, args.quantize)
+    name = args.model_name
+    if name is None:
+        name = os.path.basename(os.path.normpath(args.model)) if args.model else "rgemma"
+    config = ServeConfig(
+        model_name=name,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        api_key=args.api_key or None,
+        prefill_chunk=args.prefill_chunk,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+        prefix_block=args.prefix_block,
+    )
+    app = create_app(model, tokenizer, config)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(
+            f"rgemma: warning: serving on {args.host} without --api-key: anyone who can "
+            "reach this address can use the model",
+            file=sys.stderr,
+        )
+    print(
+        f"rgemma: serving {name!r} on http://{args.host}:{args.port}/v1 "
+        f"(batch {config.max_batch_size}, queue {config.max_queue}, state "
+        f"{model.state_nbytes(1):,} bytes per sequence)",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,798 @@
+"""The HTTP layer: an OpenAI-compatible FastAPI app over a `Scheduler`.
+
+Endpoints:
+    POST /v1/completions        prompt (text, token ids, or lists of them), `echo`,
+                                `logprobs` (0..5 alternatives), `stream`
+    POST /v1/chat/completions   messages in the Gemma chat template; stops at
+                                `<end_of_turn>`; `logprobs` / `top_logprobs`, `stream`
+    GET  /v1/models             the one served model
+    GET  /health                200 {"status": "ok"} while the scheduler runs
+    GET  /metrics               Prometheus text (see `metrics.Metrics`)
+
+Both generation endpoints take `max_tokens`, `temperature`, `top_p`, `top_k`
+(extension), `min_p` (extension), `seed`, `stop`, `n`, `stream`,
+`stream_options.include_usage`; every response carries `usage` (a stream: in its
+last chunk). Sampling defaults are OpenAI's (temperature 1, top_p 1); the `model`
+field is optional and not checked (one model is served).
+
+Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for
+bad JSON, wrong types, invalid values (param names the field) and limits (prompt
+longer than `max_prompt_tokens`, `max_tokens` above the limit, more rows than the
+batch); 401 for a wrong or missing API key (`Authorization: Bearer KEY`, only on
+/v1/*); 503 with `Retry-After` when the queue is full.
+
+A client that disconnects (streaming or not) cancels its request: its rows leave
+the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import InputError
+from .metrics import Metrics
+from .prefix_cache import PrefixCache
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    FieldError,
+    error_body,
+    param_of,
+)
+from .scheduler import Event, GenerationRequest, QueueFull, SamplingParams, Scheduler
+
+__all__ = ["ServeConfig", "create_app"]
+
+log = logging.getLogger("rgemma.serve")
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Server settings (the `rgemma serve` options).
+
+    Attributes:
+        model_name: the id in /v1/models and in responses.
+        max_batch_size: most sequences decoded together (a request with `n` choices
+            takes n rows).
+        max_queue: most requests waiting for rows; beyond, 503.
+        max_prompt_tokens: longest prompt accepted (400 beyond).
+        max_tokens: the largest `max_tokens` accepted (400 beyond); also the
+            chat default when a request gives none.
+        completion_default_max_tokens: `max_tokens` of /v1/completions when not given
+            (16, as OpenAI's legacy endpoint).
+        api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`.
+        prefill_chunk: prompt tokens per prefill call (the longest pause a new
+            prompt causes the running rows).
+        prefix_cache_bytes: byte budget of the prefix state cache (0: off).
+        prefix_block: prefix-cache boundaries every this many tokens.
+        prefix_min_tokens: shortest prefix worth caching.
+    """
+
+    model_name: str = "rgemma"
+    max_batch_size: int = 16
+    max_queue: int = 64
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 4096
+    completion_default_max_tokens: int = 16
+    api_key: str | None = None
+    prefill_chunk: int = 256
+    prefix_cache_bytes: int = 1 << 30
+    prefix_block: int = 256
+    prefix_min_tokens: int = 16
+
+
+_DISCONNECTED = object()
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+# ----------------------------------------------------------------------------------
+# One request's bridge between the scheduler thread and the event loop
+# ----------------------------------------------------------------------------------
+class _Bridge:
+    """Receives a request's events from the scheduler thread into an asyncio queue;
+    a watcher task cancels the request when the client disconnects."""
+
+    def __init__(self, scheduler: Scheduler, request: Request) -> None:
+        self.scheduler, self.request = scheduler, request
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.req: GenerationRequest | None = None
+        self.disconnected = False
+
+    def on_event(self, event: Event) -> None:  # scheduler thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                if self.req is not None:
+                    self.scheduler.cancel(self.req)
+                self.queue.put_nowait(_DISCONNECTED)
+                return
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The request's events until every choice is done (or an error, or the client
+        left); leaving early cancels the request."""
+        assert self.req is not None
+        watcher = asyncio.ensure_future(self._watch())
+        remaining = self.req.num_rows
+        try:
+            while remaining:
+                event = await self.queue.get()
+                if event is _DISCONNECTED:
+                    return
+                if event.kind == "done":
+                    remaining -= 1
+                yield event
+                if event.kind == "error":
+                    return
+        finally:
+            watcher.cancel()
+            if remaining:
+                self.scheduler.cancel(self.req)
+
+
+# ----------------------------------------------------------------------------------
+# The server: request -> GenerationRequest, events -> OpenAI responses
+# ----------------------------------------------------------------------------------
+class _Choice:
+    __slots__ = ("completion_tokens", "finish_reason", "logprobs", "prompt_tokens", "text")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.logprobs: list[Any] = []
+
+
+class _Server:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: ServeConfig,
+        scheduler: Scheduler | None,
+        metrics: Metrics | None,
+    ) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.metrics = metrics or (scheduler.metrics if scheduler else Metrics())
+        if scheduler is None:
+            cache = (
+                PrefixCache(
+                    config.prefix_cache_bytes, config.prefix_block, config.prefix_min_tokens
+                )
+                if config.prefix_cache_bytes > 0
+                else None
+            )
+            scheduler = Scheduler(
+                model,
+                tokenizer,
+                max_batch_size=config.max_batch_size,
+                max_queue=config.max_queue,
+                prefill_chunk=config.prefill_chunk,
+                prefix_cache=cache,
+                prefix_block=config.prefix_block,
+                metrics=self.metrics,
+            )
+        self.scheduler = scheduler
+        self.metrics.bind_scheduler(scheduler)
+        self.created = int(time.time())
+        self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+
+    # -- request -> GenerationRequest ---------------------------------------------
+    def _check_prompt(self, ids: list[int], param: str) -> None:
+        if len(ids) > self.config.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this server accepts at "
+                f"most {self.config.max_prompt_tokens}",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _params(
+        self,
+        body: Any,
+        max_tokens: int | None,
+        default_max: int,
+        logprobs: int | None,
+        prompt_logprobs: bool,
+    ) -> SamplingParams:
+        if max_tokens is None:
+            max_tokens = default_max
+        if max_tokens > self.config.max_tokens:
+            name = (
+                "max_completion_tokens"
+                if getattr(body, "max_completion_tokens", None) is not None
+                else "max_tokens"
+            )
+            raise APIError(
+                400,
+                f"{name} is {max_tokens}; this server allows at most {self.config.max_tokens}",
+                param=name,
+                code="invalid_value",
+            )
+        top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if body.temperature is None else float(body.temperature),
+                top_k=top_k,
+                top_p=1.0 if body.top_p is None else float(body.top_p),
+                min_p=0.0 if body.min_p is None else float(body.min_p),
+                seed=body.seed,
+                stop=body.stops,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+            )
+        except (InputError, ValueError) as err:
+            raise APIError(400, str(err), code="invalid_value") from None
+
+    def completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """Token ids and echo texts of each prompt."""
+        p = body.prompt
+        if isinstance(p, str):
+            raw: list[Any] = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            raw = [p]
+        else:
+            raw = list(p)
+        ids_list, texts = [], []
+        for item in raw:
+            if isinstance(item, str):
+                ids = self.tokenizer.encode(item, add_bos=True)
+                texts.append(item)
+            else:
+                bad = [x for x in item if not 0 <= x < self.vocab]
+                if bad:
+                    raise APIError(
+                        400,
+                        f"token id {bad[0]} is outside the vocabulary [0, {self.vocab})",
+                        param="prompt",
+                        code="invalid_value",
+                    )
+                ids = list(item)
+                texts.append(self.tokenizer.decode(ids))
+            self._check_prompt(ids, "prompt")
+            ids_list.append(ids)
+        return ids_list, texts
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[int]]:
+        """Token ids of the chat and its prefix-cache hints (end of the system prompt,
+        end of the last finished turn)."""
+        role = {"developer": "system", "assistant": "model"}
+        messages = [{"role": role.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        tok = self.tokenizer
+        try:
+            ids = tok.encode_chat(messages)
+        except InputError as err:
+            raise APIError(400, str(err), param="messages", code="invalid_value") from None
+        self._check_prompt(ids, "messages")
+        hints = []
+        if messages[0]["role"] == "system":
+            probe = tok.encode_chat(
+                [messages[0], {"role": "user", "content": ""}], add_generation_prompt=False
+            )
+            common = 0
+            for a, b in zip(ids, probe):
+                if a != b:
+                    break
+                common += 1
+            hints.append(common)
+        eot = tok.end_of_turn_id
+        last_eot = max((i + 1 for i, t in enumerate(ids) if t == eot), default=0)
+        if last_eot:
+            hints.append(last_eot)
+        return ids, hints
+
+    def submit(
+        self,
+        bridge: _Bridge,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        hints: list[list[int]] | None = None,
+    ) -> GenerationRequest:
+        rows = n * len(prompts)
+        if rows > self.config.max_batch_size:
+            raise APIError(
+                400,
+                f"n x prompts = {rows} sequences; this server batches at most "
+                f"{self.config.max_batch_size}",
+                param="n",
+                code="invalid_value",
+            )
+        req = GenerationRequest(prompts, params, n=n, on_event=bridge.on_event, prefix_hints=hints)
+        bridge.req = req
+        try:
+            self.scheduler.submit(req)
+        except QueueFull as err:
+            raise APIError(
+                503,
+                f"the server is busy: {err}; retry later",
+                code="queue_full",
+                type="server_error",
+                headers={"Retry-After": "1"},
+            ) from None
+        except ValueError as err:
+            raise APIError(400, str(err), param="n", code="invalid_value") from None
+        return req
+
+    # -- response pieces ---------------------------------------------------------------
+    def usage(self, req: GenerationRequest, choices: list[_Choice]) -> dict[str, Any]:
+        prompt = sum(len(p) for p in req.prompts)
+        completion = sum(c.completion_tokens for c in choices)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens},
+        }
+
+    def token_text(self, token_id: int) -> str:
+        return self.scheduler._token_text(token_id)
+
+    def chat_logprob(self, lp) -> dict[str, Any]:
+        def entry(token_id: int, value: float) -> dict[str, Any]:
+            s = self.token_text(token_id)
+            return {"token": s, "logprob": value, "bytes": list(s.encode("utf-8"))}
+
+        out = entry(lp.token_id, lp.logprob)
+        out["top_logprobs"] = [entry(i, v) for i, v in lp.top]
+        return out
+
+    def completion_logprobs(self, entries: list[Any], offset: int) -> dict[str, Any]:
+        """OpenAI legacy logprobs of `entries`, (token id, TokenLogprob or None for the
+        first prompt token); `text_offset` counts characters of the decoded text from
+        `offset` (a byte-fallback token adds its character once it is complete)."""
+        tokens, lps, tops, offsets = [], [], [], []
+        decoder = self.tokenizer.stream_decoder()
+        for token_id, lp in entries:
+            tokens.append(self.token_text(token_id))
+            lps.append(lp.logprob if lp is not None else None)
+            tops.append(
+                {self.token_text(i): v for i, v in lp.top} if lp is not None and lp.top else None
+            )
+            offsets.append(offset)
+            offset += len(decoder.push(token_id))
+        return {
+            "tokens": tokens,
+            "token_logprobs": lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# ----------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------
+class _Guard:
+    """ASGI middleware: API key on /v1/*, and request counts per endpoint and status."""
+
+    def __init__(self, app: Any, server: _Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else "other"
+        status = [500]
+
+        async def send_counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        key = self.server.config.api_key
+        try:
+            if key and path.startswith("/v1/"):
+                headers = dict(scope.get("headers") or {})
+                auth = headers.get(b"authorization", b"").decode("latin-1")
+                if not auth:
+                    raise APIError(
+                        401,
+                        "missing API key: send 'Authorization: Bearer KEY'",
+                        code="invalid_api_key",
+                    )
+                given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+                if not hmac.compare_digest(given.encode(), key.encode()):
+                    raise APIError(401, "incorrect API key", code="invalid_api_key")
+            await self.app(scope, receive, send_counted)
+        except APIError as err:
+            response = JSONResponse(
+                err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"}
+            )
+            await response(scope, receive, send_counted)
+        finally:
+            self.server.metrics.requests.inc(1, endpoint, str(status[0]))
+
+
+def create_app(
+    model: Any,
+    tokenizer: Any,
+    config: ServeConfig | None = None,
+    *,
+    scheduler: Scheduler | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """The OpenAI-compatible app serving `model` (a `Griffin`) with `tokenizer`.
+
+    The scheduler thread starts with the app's lifespan (uvicorn, or
+    `with TestClient(app)`) and stops with it. `app.state.server.scheduler` is the
+    `Scheduler`.
+    """
+    config = config or ServeConfig()
+    server = _Server(model, tokenizer, config, scheduler, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(server.scheduler.stop)
+
+    app = FastAPI(title="rgemma", version="0.1.0", lifespan=lifespan)
+    app.state.server = server
+    app.add_middleware(_Guard, server=server)
+
+    # -- errors ------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        first = errors[0] if errors else {}
+        kind = first.get("type", "")
+        if kind == "json_invalid":
+            ctx = first.get("ctx") or {}
+            return JSONResponse(
+                error_body(f"invalid JSON body: {ctx.get('error', kind)}", code="invalid_json"),
+                status_code=400,
+            )
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            param, msg = cause.param, str(cause)
+        else:
+            param = param_of(tuple(first.get("loc", ())))
+            msg = first.get("msg", "invalid request")
+            if param is None and kind in ("model_attributes_type", "dict_type"):
+                msg = "the request body must be a JSON object"
+            elif param is not None:
+                got = first.get("input")
+                shown = json.dumps(got)[:80] if kind != "missing" else None
+                msg = (
+                    f"missing required parameter {param!r}"
+                    if kind == "missing"
+                    else f"invalid value for {param!r}: {msg} (got {shown})"
+                )
+        code = (
+            "missing_required_parameter"
+            if kind == "missing"
+            else "invalid_type"
+            if kind.endswith("_type") or kind.startswith("literal")
+            else "invalid_value"
+        )
+        return JSONResponse(error_body(msg, param=param, code=code), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(
+                str(err.detail), param=None, code="not_found" if err.status_code == 404 else None
+            ),
+            status_code=err.status_code,
+            headers=err.headers,
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, err: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {err}", "server_error"), status_code=500)
+
+    # -- plain endpoints -------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = server.scheduler.running
+        return JSONResponse({"status": "ok" if ok else "stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> PlainTextResponse:
+        return PlainTextResponse(
+            server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_name,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "rgemma",
+                }
+            ],
+        }
+
+    # -- completions -------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompts, texts = server.completion_prompts(body)
+        params = server._params(
+            body,
+            body.max_tokens,
+            config.completion_default_max_tokens,
+            body.logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+        )
+        bridge = _Bridge(server.scheduler, request)
+        req = server.submit(bridge, prompts, params, body.n)
+        n = body.n
+        choices = [_Choice() for _ in range(req.num_rows)]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = [texts[i // n] if body.echo else "" for i in range(req.num_rows)]
+        offsets = [len(e) for e in echo]
+
+        def chunk(
+            index: int, text: str, logprobs: Any = None, finish_reason: str | None = None
+        ) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": config.model_name,
+                "choices": [
+                    {
+                        "index": index,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                    }
+                ],
+            }
+
+        def prompt_lp(event: Event) -> list[Any]:
+            ids = prompts[event.index]
+            return [(t, lp) for t, lp in zip(ids, event.prompt_logprobs)]
+
+        if body.stream:
+
+            async def stream() -> AsyncIterator[str]:
+                if body.echo and body.logprobs is None:
+                    for i in range(req.num_rows):
+                        yield _sse(chunk(i, echo[i]))
+                last = None
+                async for ev in bridge.events():
+                    if ev.kind == "error":
+                        yield _sse(error_body(ev.message, "server_error"))
+                        return
+                    c = choices[ev.index] if ev.kind != "prompt" else None
+                    if ev.kind == "prompt":
+                        entries = prompt_lp(ev)
+                        for i in range(ev.index * n, ev.index * n + n):
+                            yield _sse(chunk(i, echo[i], server.completion_logprobs(entries, 0)))
+                    elif ev.kind == "token":
+                        lp = None
+                        if ev.logprob is not None:
+                            lp = server.completion_logprobs(
+                                [(ev.token_id, ev.logprob)], offsets[ev.index]
+                            )
+                        offsets[ev.index] += len(ev.text)
+                        if ev.text or lp is not None:
+                            yield _sse(chunk(ev.index, ev.text, lp))
+                    else:
+                        c.finish_reason, c.completion_tokens = (
+                            ev.finish_reason,
+                            ev.completion_tokens,
+                        )
+                        last = chunk(ev.index, "", None, ev.finish_reason)
+                        if any(x.finish_reason is None for x in choices):
+                            yield _sse(last)
+                            last = None
+                usage = server.usage(req, choices)
+                include = body.stream_options is not None and body.stream_options.include_usage
+                if last is not None:
+                    last["usage"] = None if include else usage
+                    yield _sse(last)
+                if include:
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": config.model_name,
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    )
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(
+                stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+
+        prompt_entries: dict[int, list[Any]] = {}
+        async for ev in bridge.events():
+            if ev.kind == "error":
+                raise APIError(500, ev.message, type="server_error")
+            if ev.kind == "prompt":
+                prompt_entries[ev.index] = prompt_lp(ev)
+            elif ev.kind == "token":
+                c = choices[ev.index]
+                c.text.append(ev.text)
+                if ev.logprob is not None:
+                    c.logprobs.append((ev.token_id, ev.logprob))
+            else:
+                c = choices[ev.index]
+                c.finish_reason, c.completion_tokens = ev.finish_reason, ev.completion_tokens
+        if bridge.disconnected:
+            return JSONResponse(error_body("client disconnected"), status_code=499)
+        out = []
+        for i, c in enumerate(choices):
+            logprobs = None
+            if body.logprobs is not None:
+                entries = prompt_entries.get(i // n, []) + c.logprobs
+                logprobs = server.completion_logprobs(entries, 0)
+            out.append(
+                {
+                    "index": i,
+                    "text": echo[i] + "".join(c.text),
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": config.model_name,
+            "choices": out,
+            "usage": server.usage(req, choices),
+        }
+
+    # -- chat --------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        ids, hints = server.chat_prompt(body)
+        max_tokens = (
+            body.max_completion_tokens
+            if body.max_completion_tokens is not None
+            else body.max_tokens
+        )
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = server._params(body, max_tokens, config.max_tokens, logprobs, False)
+        bridge = _Bridge(server.scheduler, request)
+        req = server.submit(bridge, [ids], params, body.n, [hints])
+        choices = [_Choice() for _ in range(req.num_rows)]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(
+            index: int,
+            delta: dict[str, Any],
+            logprobs: Any = None,
+            finish_reason: str | None = None,
+        ) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": config.model_name,
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                    }
+                ],
+            }
+
+        if body.stream:
+
+            async def stream() -> AsyncIterator[str]:
+                for i in range(req.num_rows):
+                    yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+                last = None
+                async for ev in bridge.events():
+                    if ev.kind == "error":
+                        yield _sse(error_body(ev.message, "server_error"))
+                        return
+                    if ev.kind == "token":
+                        lp = (
+                            {"content": [server.chat_logprob(ev.logprob)]}
+                            if ev.logprob is not None
+                            else None
+                        )
+                        if ev.text or lp is not None:
+                            yield _sse(chunk(ev.index, {"content": ev.text}, lp))
+                    elif ev.kind == "done":
+                        c = choices[ev.index]
+                        c.finish_reason, c.completion_tokens = (
+                            ev.finish_reason,
+                            ev.completion_tokens,
+                        )
+                        last = chunk(ev.index, {}, None, ev.finish_reason)
+                        if any(x.finish_reason is None for x in choices):
+                            yield _sse(last)
+                            last = None
+                usage = server.usage(req, choices)
+                include = body.stream_options is not None and body.stream_options.include_usage
+                if last is not None:
+                    last["usage"] = None if include else usage
+                    yield _sse(last)
+                if include:
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": config.model_name,
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    )
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(
+                stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+
+        async for ev in bridge.events():
+            if ev.kind == "error":
+                raise APIError(500, ev.message, type="server_error")
+            c = choices[ev.index]
+            if ev.kind == "token":
+                c.text.append(ev.text)
+                if ev.logprob is not None:
+                    c.logprobs.append(server.chat_logprob(ev.logprob))
+            elif ev.kind == "done":
+                c.finish_reason, c.completion_tokens = ev.finish_reason, ev.completion_tokens
+        if bridge.disconnected:
+            return JSONResponse(error_body("client disconnected"), status_code=499)
+        out = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(c.text)},
+                "logprobs": {"content": c.logprobs} if body.logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": config.model_name,
+            "choices": out,
+            "usage": server.usage(req, choices),
+        }
+
+    return app
