@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Evaluate a model on the bundled corpus's held-out split and write the figures.
+
+Validation documents are those `rgemma train` holds out (`configs/bundled.json`:
+SHA-256 split by document, `val_fraction` 0.01, documents of at most `doc_chars`).
+Each document is scored whole, as BOS + text + EOS, prefilled in chunks from the
+fixed-size state: cross-entropy in nats per token, perplexity, and bits per UTF-8
+byte. The baseline is a unigram model on the same tokenizer, fitted on the training
+split (add-one smoothing).
+
+It also writes a fixed slice of the validation text, which the test suite scores
+again (tests/test_bundled.py).
+
+    python scripts/eval_bundled.py [--model DIR] [--out src/rgemma/assets/bundled/eval.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import rgemma
+from rgemma.data import read_documents, split_documents
+
+ROOT = Path(__file__).resolve().parent.parent
+SLICE_PATH = ROOT / "tests" / "data" / "bundled_val_slice.txt"
+SLICE_CHARS = 6000
+
+
+@torch.no_grad()
+def score_text(model, tokenizer, text: str, chunk: int = 1024) -> tuple[float, int, int]:
+    """(total nats, predicted tokens, UTF-8 bytes) of BOS + text + EOS under `model`."""
+    ids = tokenizer.encode(text, add_bos=True, add_eos=True)
+    tokens = torch.tensor([ids])
+    state, total = None, 0.0
+    for start in range(0, len(ids) - 1, chunk):
+        x = tokens[:, start:start + chunk]
+        y = tokens[:, start + 1:start + chunk + 1]
+        logits, state = model(x, state=state)
+        logits = logits[:, : y.shape[1]]
+        total += float(torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), reduction="sum"))
+    return total, len(ids) - 1, len(text.encode("utf-8"))
+
+
+def unigram_nats(tokenizer, train_docs, val_docs) -> tuple[float, int]:
+    counts = np.ones(tokenizer.vocab_size, dtype=np.float64)  # add-one smoothing
+    for d in train_docs:
+        ids = tokenizer.encode(d.text, add_bos=True, add_eos=True)
+        counts += np.bincount(np.asarray(ids[1:]), minlength=tokenizer.vocab_size)
+    logp = np.log(counts / counts.sum())
+    total, n = 0.0, 0
+    for d in val_docs:
+        ids = tokenizer.encode(d.text, add_bos=True, add_eos=True)[1:]
+        total -= float(logp[ids].sum())
+        n += len(ids)
+    return total, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory (default: the bundled one)")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "bundled.json"))
+    ap.add_argument("--out", default=None, help="write the figures here as JSON")
+    ap.add_argument("--write-slice", action="store_true", help=f"(re)write {SLICE_PATH}")
+    args = ap.parse_args()
+
+    cfg = json.loads(Path(args.config).read_text())
+    model, tokenizer = rgemma.load(args.model, dtype=torch.float32)
+    model.eval()
+    paths = [str(p) for pattern in cfg["train_data"] for p in sorted(ROOT.glob(pattern))]
+    docs = read_documents(paths, doc_chars=cfg.get("doc_chars", 16000))
+    train_docs, val_docs = split_documents(docs, cfg.get("val_fraction", 0.01))
+
+    total = tokens = nbytes = 0
+    for d in val_docs:
+        t, n, b = score_text(model, tokenizer, d.text)
+        total, tokens, nbytes = total + t, tokens + n, nbytes + b
+    uni_total, uni_tokens = unigram_nats(tokenizer, train_docs, val_docs)
+    assert uni_tokens == tokens
+
+    if args.write_slice:
+        SLICE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        SLICE_PATH.write_text(val_docs[0].text[:SLICE_CHARS], encoding="utf-8")
+    slice_total, slice_tokens, _ = score_text(model, tokenizer, SLICE_PATH.read_text("utf-8"))
+
+    out = {
+        "val_documents": len(val_docs),
+        "val_tokens": tokens,
+        "val_bytes": nbytes,
+        "val_loss": total / tokens,
+        "val_ppl": math.exp(total / tokens),
+        "val_bpb": total / math.log(2) / nbytes,
+        "unigram_ppl": math.exp(uni_total / uni_tokens),
+        "unigram_bpb": uni_total / math.log(2) / nbytes,
+        "slice_file": str(SLICE_PATH.relative_to(ROOT)),
+        "slice_tokens": slice_tokens,
+        "slice_ppl": math.exp(slice_total / slice_tokens),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
