@@ -205,10 +205,18 @@ def test_worker_failures_are_recorded_and_the_rest_runs():
     )
     res = run["results"]
     assert res["prefill:16"]["status"] == "ok" and res["prefill:16"]["tokens_per_s"] > 0
-    assert res["prefill:4000000"]["status"] == "timeout"
-    assert res["prefill:8000000"]["status"] == "not-run"
-    assert res["decode:b1:p20"]["status"] == "ok"  # in a fresh worker
-    assert len(run["workers"]) == 2
+    # Depending on how fast the first point ran, the huge prompt is predicted too slow
+    # and skipped, or it starts and is killed at the time-out (then the worker is
+    # replaced and the next huge one is not run). Either way it is recorded, and the
+    # rest still runs.
+    huge = res["prefill:4000000"]["status"]
+    assert huge in ("timeout", "skipped")
+    if huge == "timeout":
+        assert res["prefill:8000000"]["status"] == "not-run"
+        assert len(run["workers"]) == 2
+    else:
+        assert res["prefill:8000000"]["status"] == "skipped"
+    assert res["decode:b1:p20"]["status"] == "ok"
 
 
 def test_quick_run_produces_every_table(tmp_path):

@@ -15,7 +15,7 @@ from oracle import random_model
 
 from rgemma.cli import main
 from rgemma.config import GriffinConfig
-from rgemma.generate import ChatSession, generate
+from rgemma.generation import ChatSession, generate
 
 checkpoint = pytest.importorskip("rgemma.checkpoint")
 
@@ -230,13 +230,16 @@ ERRORS = [
     (["generate", "hi", "--model", "{model}", "--min-p", "2"], "--min-p.*2"),
     (["generate", "hi", "--model", "{model}", "--max-new-tokens", "-1"], "--max-new-tokens.*-1"),
     (["generate", "--file", "{emptyfile}", "--model", "{model}"], "no prompts"),
-    (["generate", "--file", "{missing}", "--model", "{model}"], "No such file"),
-    (["generate", "--file", "{empty}", "--model", "{model}"], "directory"),
+    (["generate", "--file", "{missing}", "--model", "{model}"], "--file .*nope: no such file"),
+    (["generate", "--file", "{empty}", "--model", "{model}"], "--file .*empty: is a directory"),
     (["generate", "hi", "--file", "{emptyfile}", "--model", "{model}"], "either PROMPT or"),
     (["generate", "--model", "{model}"], "no prompt"),
     (["generate", "hi", "--model", "{model}", "--device", "nonsense"], "--device"),
     (["generate", "hi", "--model", "{model}", "--threads", "0"], "--threads"),
-    (["chat", "--model", "{model}", "--load-state", "{missing}"], "does not exist"),
+    (["chat", "--model", "{model}", "--load-state", "{missing}"], "--load-state .*nope: no such"),
+    (["chat", "--model", "{model}", "--load-state", "{empty}"], "--load-state .*: is a directory"),
+    (["chat", "--model", "{missing}", "--save-state", "{empty}"], "--save-state .*: is a direc"),
+    (["chat", "--model", "{missing}", "--save-state", "{missing}/s"], "--save-state .*does not"),
     (["info", "--model", "{missing}"], "does not exist"),
 ]
 
@@ -266,6 +269,40 @@ def test_no_bundled_model_names_model_option(capsys):
         pytest.skip("a bundled model is installed")
     rc, _, err = run(capsys, ["generate", "hi"])
     assert rc == 2 and "--model" in err and err.count("\n") == 1
+
+
+def test_seed_out_of_range_names_the_option(capsys):
+    for seed in ("99999999999999999999", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "hi", "--seed", seed])
+        assert e.value.code == 2
+        assert "argument --seed: must be an int in [0, 2**63)" in capsys.readouterr().err
+
+
+def test_model_os_error_names_the_option(capsys):
+    if not os.path.exists("/dev/null") or os.name != "posix":
+        pytest.skip("needs /dev/null")
+    rc, _, err = run(capsys, ["generate", "hi", "--model", "/dev/null"])
+    assert rc == 2 and err == "rgemma: error: --model /dev/null: Not a directory\n", err
+
+
+def test_chat_help_unknown_command_and_system_with_load_state(
+    capsys, monkeypatch, model_dir, tmp_path
+):
+    state = str(tmp_path / "h.state")
+    set_stdin(monkeypatch, b"/help\n/frobnicate\nHello\n")
+    argv = ["chat", "--model", model_dir, "--max-new-tokens", "4", "--save-state", state]
+    rc, out, err = run(capsys, argv)
+    assert rc == 0, err
+    assert "/reset" in err and "/exit" in err and "/help" in err
+    assert "unknown command /frobnicate (try /help)" in err
+    ref = ChatSession(tiny_model(), tokenizer(), max_new_tokens=4)
+    assert out == ref.send("Hello") + "\n"  # only one message reached the model
+
+    set_stdin(monkeypatch, b"")
+    argv = ["chat", "--model", model_dir, "--load-state", state, "--system", "x"]
+    rc, out, err = run(capsys, argv)
+    assert rc == 0 and "rgemma: warning: --system is ignored" in err, err
 
 
 def test_usage_errors(capsys):
@@ -355,7 +392,7 @@ def test_console_script_and_stdin_bytes(model_dir):
 
 def test_load_api(model_dir, mismatched_dir):
     from rgemma.errors import CheckpointError
-    from rgemma.generate import load
+    from rgemma.generation import load
 
     model, tok = load(model_dir)
     assert tok.vocab_size == model.config.vocab_size == 400

@@ -10,7 +10,7 @@ from conftest_gen import ScriptedModel, tiny_config, tiny_model, tokenizer
 from oracle import random_model
 
 from rgemma.errors import CheckpointError, InputError
-from rgemma.generate import (
+from rgemma.generation import (
     ChatSession,
     GenerationResult,
     check_vocab,

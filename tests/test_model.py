@@ -271,6 +271,16 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.zeros(1, 5))
     with pytest.raises(InputError, match=r"segment_pos must have the shape of tokens \(2, 5\)"):
         model(ok, torch.arange(5)[None])
+    with pytest.raises(InputError, match=r"at least one row and one time step, got shape \(1, 0\)"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(InputError, match="integer tensor, got dtype torch.bool"):
+        model(torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(InputError, match="segment_pos must be an integer tensor"):
+        model(ok, torch.zeros(2, 5))
+    with pytest.raises(InputError, match="segment_pos must be >= -1.*got -5"):
+        model(ok, torch.full((2, 5), -5))
+    with pytest.raises(InputError, match="logits must be 'all', 'last' or 'none', got 'bogus'"):
+        model(ok, logits="bogus")
     with pytest.raises(InputError, match="padding"):
         model(ok, torch.tensor([[0, 1, -1, 2, 3]] * 2))
     _, state = model(ok)
@@ -295,3 +305,10 @@ def test_embedding_scale_is_bfloat16_rounded():
     assert GriffinConfig.preset("recurrentgemma-2b").embedding_scale == 50.5
     assert GriffinConfig.preset("recurrentgemma-9b").embedding_scale == 64.0
     assert GriffinConfig.preset("griffin-7b").embedding_scale == 1.0
+
+
+def test_save_state_to_a_directory_is_refused(tmp_path):
+    model = _model()
+    _, state = model(torch.randint(0, CFG.vocab_size, (1, 4)))
+    with pytest.raises(InputError, match="it is a directory"):
+        save_state(state, tmp_path, CFG)

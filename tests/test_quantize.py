@@ -7,7 +7,7 @@ import torch
 
 from oracle import random_model
 from rgemma import GriffinConfig, InputError, quantize
-from rgemma.quantize import Int8Linear, int8_matmul, quantize_per_channel
+from rgemma.quantization import Int8Linear, int8_matmul, quantize_per_channel
 
 CFG = GriffinConfig.preset("test-small")
 
@@ -60,3 +60,15 @@ def test_quantized_model_keeps_recurrence_in_float32_and_stays_close():
 def test_unknown_mode():
     with pytest.raises(InputError, match="unknown quantization mode 'int4'"):
         quantize(random_model(CFG), "int4")
+
+
+def test_quantize_twice_or_save_quantized_is_refused(tmp_path):
+    from rgemma import CheckpointError, save_model
+
+    qmodel = quantize(random_model(CFG), "int8")
+    with pytest.raises(InputError, match=r"already quantized \(int8\)"):
+        quantize(qmodel, "int8")
+    with pytest.raises(CheckpointError, match="cannot save an int8-quantized model"):
+        save_model(qmodel, tmp_path / "q")
+    with pytest.raises(InputError, match="expects a rgemma Griffin model, got Linear"):
+        quantize(torch.nn.Linear(2, 2))

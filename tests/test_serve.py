@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 
 from conftest_gen import ScriptedModel, tiny_model, tokenizer
 
-from rgemma.generate import generate
+from rgemma.generation import generate
 from rgemma.serve.app import ServeConfig, create_app
 from rgemma.serve.prefix_cache import PrefixCache
 from rgemma.serve.scheduler import GenerationRequest, SamplingParams, Scheduler
@@ -656,3 +656,52 @@ def test_cli_serve_is_registered():
 
     args = build_parser().parse_args(["serve", "--port", "9000", "--max-batch-size", "4"])
     assert args.host == "127.0.0.1" and args.port == 9000 and args.max_batch_size == 4
+
+
+def test_missing_content_empty_body_and_text_plain_json(model, tok):
+    app = create_app(model, tok, small_config())
+
+    async def scenario(client):
+        no_content = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}, {"role": "user"}]},
+        )
+        empty = await client.post(
+            "/v1/completions", content=b"", headers={"content-type": "application/json"}
+        )
+        plain = await client.post(
+            "/v1/completions",
+            content=json.dumps({"prompt": "x", "max_tokens": 1}).encode(),
+            headers={"content-type": "text/plain"},
+        )
+        bad_plain = await client.post(
+            "/v1/completions", content=b"{nope", headers={"content-type": "text/plain"}
+        )
+        return no_content, empty, plain, bad_plain
+
+    no_content, empty, plain, bad_plain = run_async(app, scenario)
+    assert no_content.status_code == 400
+    err = no_content.json()["error"]
+    assert err["param"] == "messages[1].content" and "messages[1].content" in err["message"]
+    assert empty.status_code == 400
+    err = empty.json()["error"]
+    assert err["param"] is None and "empty" in err["message"]
+    assert plain.status_code == 200, plain.json()
+    assert bad_plain.status_code == 400 and "invalid JSON" in bad_plain.json()["error"]["message"]
+
+
+def test_cli_serve_checks_the_port_before_loading(capsys):
+    import socket
+
+    from rgemma.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", "/nonexistent/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rgemma: error: cannot listen on 127.0.0.1:{port}: ")
+    assert len(err.strip().splitlines()) == 1
+    assert main(["serve", "--host", "no-such-host.invalid", "--model", "/nonexistent"]) == 2
+    assert "cannot listen on no-such-host.invalid:8000: " in capsys.readouterr().err

@@ -197,7 +197,7 @@ def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_interrupted_checkpoint_write_keeps_previous(tmp_path, corpus, monkeypatch):
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, corpus, monkeypatch, capsys):
     cfg = _cfg(tmp_path, corpus, "run", max_steps=9, eval_every=0)
     reference = train(_cfg(tmp_path, corpus, "ref", max_steps=9, eval_every=0))
 
@@ -229,7 +229,11 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, corpus, monkeypat
     torn.mkdir()
     (torn / "optimizer.pt").write_bytes(b"garbage")
 
+    capsys.readouterr()
     resumed = train(cfg.replace(resume=True))
+    err = capsys.readouterr().err
+    assert f"rgemma: warning: checkpoint {torn} is incomplete or truncated" in err
+    assert "resuming from step_0000003" in err
     assert not partial.exists()
     assert resumed["losses"] == reference["losses"][3:]
     assert [s for s, _ in find_checkpoints(tmp_path / "run")] == [3, 6, 9]
@@ -490,6 +494,95 @@ def test_cli_train_then_resume(tmp_path, corpus, capsys):
     assert "no_such_key" in capsys.readouterr().err
 
 
+def _fake_train(monkeypatch) -> list:
+    seen = []
+
+    def fake(cfg):
+        seen.append(cfg)
+        keys = ("train_loss", "val_loss", "tokens_per_s", "checkpoint", "final_dir")
+        return {"step": 0, "tokens_seen": 0, **dict.fromkeys(keys)}
+
+    monkeypatch.setattr(train_mod, "train", fake)
+    return seen
+
+
+def test_cli_train_overrides_anywhere_and_blame(tmp_path, monkeypatch, capsys):
+    from rgemma.cli import main
+
+    seen = _fake_train(monkeypatch)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": "test-tiny", "train_data": ["a.txt"], "out_dir": "o"}))
+    argv = ["train", "--config", str(path), "--no-progress", "lr=0.01", "--out", "X", "seed=3"]
+    assert main(argv + ["--set", "bf16=true", "log_every=5"]) == 0
+    cfg = seen[-1]
+    assert (cfg.lr, cfg.seed, cfg.bf16, cfg.log_every, cfg.out_dir) == (0.01, 3, True, 5, "X")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(path), "lr=1", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    # An override's error is blamed on the override, not on the config file.
+    assert main(["train", "--config", str(path), "--out", "X", "seq_len=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rgemma: error: override seq_len=0: TrainConfig.seq_len"), err
+    assert main(["train", "--config", str(path), "--max-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rgemma: error: --max-steps 5: TrainConfig.warmup_steps (100)"), err
+    path.write_text(json.dumps({"model": "test-tiny", "train_data": ["a.txt"], "seq_len": 0}))
+    assert main(["train", "--config", str(path), "--out", "X"]) == 2
+    assert capsys.readouterr().err.startswith(f"rgemma: error: {path}: TrainConfig.seq_len")
+
+
+def test_warmup_longer_than_max_steps_is_rejected():
+    with pytest.raises(
+        ConfigError, match=r"warmup_steps \(10\) exceeds TrainConfig.max_steps \(5\)"
+    ):
+        TrainConfig(model="test-tiny", warmup_steps=10, max_steps=5)
+
+
+def test_config_diff_prints_plain_values():
+    a = GriffinConfig.preset("test-tiny")
+    b = GriffinConfig.from_dict(dict(a.to_dict(), block_types=["attention"] * len(a.block_types)))
+    (diff,) = train_mod.config_diff(a, b)
+    assert "BlockType" not in diff and "'recurrent'" in diff and "'attention'" in diff
+
+
+def test_truncated_weights_make_a_checkpoint_incomplete(tmp_path):
+    from safetensors.torch import save_file
+
+    def make(step: int) -> Path:
+        d = tmp_path / "checkpoints" / train_mod.checkpoint_name(step)
+        (d / "model").mkdir(parents=True)
+        torch.save({}, d / "optimizer.pt")
+        torch.save({}, d / "trainer_state.pt")
+        (d / "train_config.json").write_text("{}")
+        (d / "model" / "rgemma_config.json").write_text("{}")
+        save_file({"w": torch.zeros(64, 64)}, d / "model" / "model.safetensors")
+        return d
+
+    make(1)
+    newest = make(2)
+    assert [s for s, _ in find_checkpoints(tmp_path)] == [1, 2]
+    weights = newest / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert [s for s, _ in find_checkpoints(tmp_path)] == [1]
+    make(3)
+    opt = tmp_path / "checkpoints" / "step_0000003" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:-10])
+    assert [s for s, _ in find_checkpoints(tmp_path)] == [1]
+    assert [p.name for p in train_mod.damaged_checkpoints(tmp_path)] == [
+        "step_0000002",
+        "step_0000003",
+    ]
+
+
+def test_resume_without_checkpoint_says_so_and_no_bar_off_tty(tmp_path, corpus, capsys):
+    cfg = _cfg(tmp_path, corpus, max_steps=1, warmup_steps=0, eval_every=0, save_every=0)
+    train(cfg.replace(resume=True, progress=True))
+    err = capsys.readouterr().err
+    assert f"rgemma: warning: no checkpoint in {cfg.out_dir}: starting from scratch" in err
+    assert "%|" not in err and "step/s" not in err  # stderr is not a TTY: no bar
+
+
 def test_cli_train_tokenizer(tmp_path, capsys):
     from rgemma.cli import main
     from rgemma.tokenizer import Tokenizer
@@ -528,3 +621,14 @@ def test_cli_train_tokenizer(tmp_path, capsys):
         == 2
     )
     assert "missing.txt" in capsys.readouterr().err
+    base = ["train-tokenizer", "--input", str(src), "--vocab-size", "300"]
+    assert main(base + ["--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {tmp_path} is a directory" in err and err.count("\n") == 1
+    assert not Path(str(tmp_path) + ".model").exists()
+    assert main(base + ["--output", str(out), "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(InputError, match="is a directory"):
+        from rgemma.tokenizer import train_tokenizer
+
+        train_tokenizer([src / "a.txt"], tmp_path, 300)

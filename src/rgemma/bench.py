@@ -712,7 +712,7 @@ class RgemmaAdapter(Adapter):
 
     def prefill(self, tokens) -> None:
         try:
-            from .generate import prefill
+            from .generation import prefill
         except ImportError:  # generate.py unavailable: the same chunked loop
             prefill = None
         if prefill is not None:
@@ -1222,7 +1222,7 @@ class _Worker:
         """Turn the rgemma model into int8 in place; report the logit error on a
         random prompt against the model before."""
 
-        from .quantize import quantize
+        from .quantization import quantize
 
         ad = self.adapter
         if not isinstance(ad, RgemmaAdapter):
@@ -1248,7 +1248,7 @@ class _Worker:
         """int8 against float32 on validation text: logit error and perplexity."""
         import torch
 
-        from .quantize import quantize
+        from .quantization import quantize
 
         ad = self.adapter
         batches = _validation_batches(task, ad.model.config.vocab_size)
@@ -1289,7 +1289,7 @@ def _validation_batches(task: Mapping[str, Any], vocab_size: int) -> list[Any]:
     `task["val_paths"]`, made as `rgemma.data` makes them for training."""
 
     from .data import PackedDataset, read_documents, split_documents, tokenize_documents
-    from .generate import find_tokenizer
+    from .generation import find_tokenizer
     from .tokenizer import Tokenizer
 
     paths = [p for p in task.get("val_paths", []) if Path(p).exists()]
@@ -1669,25 +1669,10 @@ class BenchOptions:
                 "machine_bandwidth_mib": 1024,
                 "out_dir": "benchmarks/results/reduced",
             },
-            "full": {
-                "dtype": "bfloat16",
-                "prefill_lengths": (128, 512, 2048, 8192, 32768),
-                "peer_prefill_lengths": (128, 512, 2048, 8192, 32768),
-                "prefill_repeats": 3,
-                "decode_positions": (16, 256, 2048, 8192, 32768),
-                "decode_steps": 5,
-                "sample_prompt": 2048,
-                "sample_new": (256, 1024, 2048, 4096, 8192),
-                "sample_direct_max": 0,
-                "int8_position": 2048,
-                "max_seconds_per_point": 300.0,
-                "target_seconds_per_point": 60.0,
-                "bundled_positions": (16, 256, 2048),
-                "bundled_steps": 16,
-                "val_max_tokens": 20000,
-                "machine_bandwidth_mib": 1024,
-                "out_dir": "benchmarks/results/full",
-            },
+        }
+        presets["full"] = {
+            **presets["reduced"], "decode_steps": 5, "max_seconds_per_point": 300.0,
+            "target_seconds_per_point": 60.0, "out_dir": "benchmarks/results/full",
         }
         if shape not in presets:
             raise RgemmaError(f"unknown shape {shape!r}; choose from {', '.join(presets)}")

@@ -486,7 +486,7 @@ def _torch_source(path: Path) -> _Source:
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise CheckpointError(
-                f"{path} is not a plain state_dict: entry {key!r} is a {type(value).__name__}, "
+                f"{path} is not a plain state_dict: entry {key!r} is a(n) {type(value).__name__}, "
                 "not a tensor"
             )
     src = _Source()
@@ -760,7 +760,8 @@ def load_model(
             RecurrentGemma's.
 
     Returns:
-        `Griffin` in eval mode, every parameter a real tensor of `dtype` on `device`,
+        `Griffin` in eval mode with `requires_grad=False` (call `.requires_grad_(True)`
+        to train it), every parameter a real tensor of `dtype` on `device`,
         with `model.source = {"format": "official" | "hf" | "rgemma", "path": str,
         "tokenizer": str | None, "bundled": bool}`.
 
@@ -867,7 +868,9 @@ def load_model(
         "tokenizer": str(found.tokenizer) if found.tokenizer else None,
         "bundled": bundled,
     }
-    return model.eval()
+    # Loaded for inference: no autograd graph is recorded by plain `model(...)` calls
+    # (training re-enables gradients with `model.requires_grad_(True)`).
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------
@@ -909,6 +912,11 @@ def save_model(model, path: str | os.PathLike,
         CheckpointError: `model` is not a `Griffin`; `path` is a file, or a non-empty
         directory that is not an rgemma checkpoint; `tokenizer_path` does not exist.
     """
+    if getattr(model, "quantization", None):
+        raise CheckpointError(
+            f"cannot save an {model.quantization}-quantized model: save the float model "
+            "and quantize after loading (`rgemma.quantize(model)`, `--quantize int8`)"
+        )
     from safetensors.torch import save_file
 
     path = Path(os.fspath(path)).expanduser().absolute()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -91,6 +92,17 @@ def add_common_options(parser: argparse.ArgumentParser, model: bool = True) -> N
     )
 
 
+def seed_type(text: str) -> int:
+    """argparse type of --seed: an int in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**63), got {text}")
+    return value
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     parser.add_argument(
         "--max-new-tokens",
@@ -128,7 +140,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
         help="drop tokens less likely than P x the best one (0 = none)",
     )
     parser.add_argument(
-        "--seed", type=int, metavar="S", help="random seed (prompt i of a batch uses S + i)"
+        "--seed", type=seed_type, metavar="S", help="random seed (prompt i of a batch uses S + i)"
     )
     parser.add_argument(
         "--stop",
@@ -212,10 +224,42 @@ def setup_torch(args: argparse.Namespace) -> None:
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
-    """`rgemma.generate.load` for --model/--dtype/--device."""
-    from .generate import load
+    """`rgemma.generation.load` for --model/--dtype/--device."""
+    from .errors import InputError, RgemmaError
+    from .generation import load
 
-    return load(args.model, dtype=args.dtype, device=args.device)
+    try:
+        return load(args.model, dtype=args.dtype, device=args.device)
+    except OSError as err:  # not an RgemmaError: name the option
+        if isinstance(err, RgemmaError) or args.model is None:
+            raise
+        if err.strerror:
+            where = f" ({err.filename})" if err.filename not in (None, args.model) else ""
+            raise InputError(f"--model {args.model}: {err.strerror}{where}") from None
+        raise InputError(f"--model {args.model}: {_one_line(err)}") from None
+
+
+def check_input_file(path: str, option: str) -> None:
+    """Raise InputError naming `option` unless `path` is "-" or a readable file."""
+    from .errors import InputError
+
+    if path == "-":
+        return
+    if not os.path.exists(path):
+        raise InputError(f"{option} {path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{option} {path}: is a directory, not a file")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Raise InputError naming `option` unless a file can be written at `path`."""
+    from .errors import InputError
+
+    if os.path.isdir(path):
+        raise InputError(f"{option} {path}: is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"{option} {path}: directory {parent} does not exist")
 
 
 def decode_utf8(data: bytes, source: str) -> str:
@@ -304,7 +348,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.file is not None:
         if args.prompt is not None:
             raise InputError("give either PROMPT or --file, not both")
-        text = read_text(args.file)
+        check_input_file(args.file, "--file")
+        try:
+            text = read_text(args.file)
+        except OSError as err:
+            raise InputError(f"--file {args.file}: {err.strerror or err}") from None
         prompts = [line for line in text.splitlines() if line.strip()]
         if not prompts:
             where = "stdin" if args.file == "-" else args.file
@@ -323,7 +371,7 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     setup_torch(args)
     model, tokenizer = load_model_and_tokenizer(args)
-    from .generate import generate, stream
+    from .generation import generate, stream
 
     if len(prompts) == 1 and args.file is None:
         s = stream(model, tokenizer, prompts[0], chat=args.chat, **kwargs)
@@ -361,7 +409,7 @@ examples:
   rgemma chat --load-state talk.state          # ... and continue it later
 
 In the chat: type a message and press Enter; /reset starts over, /exit or
-Ctrl-D leaves. Each turn feeds only its new tokens to the model's fixed-size
+Ctrl-D leaves, /help lists the commands. Each turn feeds only its new tokens to the model's fixed-size
 state. --save-state writes the state (and talk.state.json, the conversation)
 when the chat ends.
 """
@@ -383,6 +431,9 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+_COMMAND_RE = re.compile(r"/[A-Za-z][A-Za-z0-9_-]*")  # a line that is one /word
+
+
 def _read_line(prompt: str) -> str:
     """One line of input; invalid UTF-8 bytes are replaced (with a warning)."""
     line = input(prompt)
@@ -393,16 +444,36 @@ def _read_line(prompt: str) -> str:
     return line
 
 
+CHAT_HELP = """\
+commands:
+  /reset   start the conversation over (the system prompt is kept)
+  /exit    leave the chat (also /quit or Ctrl-D)
+  /help    show this list"""
+
+
 def run_chat(args: argparse.Namespace) -> int:
     kwargs = sampling_kwargs(args)
+    if args.load_state:
+        check_input_file(args.load_state, "--load-state")
+        if args.load_state == "-":
+            from .errors import InputError
+
+            raise InputError("--load-state needs a file, not stdin")
+    if args.save_state:
+        check_output_file(args.save_state, "--save-state")
     setup_torch(args)
     model, tokenizer = load_model_and_tokenizer(args)
-    from .generate import ChatSession
+    from .generation import ChatSession
 
     session = ChatSession(model, tokenizer, system=args.system, **kwargs)
     if args.load_state:
         session.load_state(args.load_state)
         if args.system is not None:
+            if session.state is not None:
+                warn(
+                    "--system is ignored for the conversation loaded from "
+                    f"{args.load_state}; it is used after /reset"
+                )
             session.system = args.system
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -412,7 +483,10 @@ def run_chat(args: argparse.Namespace) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        print(f"{PROG} chat: /reset to start over, /exit or Ctrl-D to leave", file=sys.stderr)
+        print(
+            f"{PROG} chat: /reset to start over, /exit or Ctrl-D to leave, /help for help",
+            file=sys.stderr,
+        )
 
     def save() -> None:
         if not args.save_state:
@@ -438,6 +512,12 @@ def run_chat(args: argparse.Namespace) -> int:
             if command == "/reset":
                 session.reset()
                 print("(conversation reset)", file=sys.stderr)
+                continue
+            if command == "/help":
+                print(CHAT_HELP, file=sys.stderr)
+                continue
+            if _COMMAND_RE.fullmatch(command):
+                print(f"unknown command {command} (try /help)", file=sys.stderr)
                 continue
             if not command:
                 continue
@@ -564,7 +644,16 @@ def main(argv: list[str] | None = None) -> int:
     interrupted (Ctrl-C), 141 stdout closed early (broken pipe).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # `train` takes KEY=VALUE overrides anywhere on the line: argparse gives
+        # the positional only its first run of them.
+        if getattr(args, "command", None) == "train" and all(
+            "=" in x and not x.startswith("-") for x in extras
+        ):
+            args.overrides = list(args.overrides) + extras
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     debug = os.environ.get("RGEMMA_DEBUG", "") not in ("", "0")
     try:
         return args._handler(args)

@@ -39,6 +39,33 @@ def _positive(name: str, value: int, minimum: int = 1) -> None:
         raise InputError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind (and close) a socket on host:port as uvicorn will, so that a port in use
+    or an unresolvable host fails before the model is loaded.
+
+    Raises:
+        InputError: `cannot listen on HOST:PORT: <reason>`.
+    """
+    import socket
+
+    from .errors import InputError
+
+    def fail(reason: str) -> InputError:
+        return InputError(f"cannot listen on {host}:{port}: {reason}")
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as err:
+        raise fail(getattr(err, "strerror", None) or str(err)) from None
+    family, socktype, proto, _, addr = infos[0]
+    try:
+        with socket.socket(family, socktype, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(addr)
+    except OSError as err:
+        raise fail(err.strerror or str(err)) from None
+
+
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     from .cli import add_common_options, new_parser
 
@@ -153,12 +180,13 @@ def run_serve(args: argparse.Namespace) -> int:
             f"rgemma serve needs FastAPI and uvicorn ({err}); install them "
             "with: pip install 'rgemma[serve]'"
         ) from None
+    check_listen(args.host, args.port)
     setup_torch(args)
-    from .generate import load
+    from .generation import load
 
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     if args.quantize:
-        from .quantize import quantize
+        from .quantization import quantize
 
         model = quantize(model, args.quantize)
     name = args.model_name

@@ -22,12 +22,12 @@ TRAIN_EPILOG = """\
 examples:
   rgemma train --config configs/bundled.json
   rgemma train --config configs/bundled.json --resume          # continue after a stop
-  rgemma train --config configs/bundled.json --max-steps 20 --out runs/bench
+  rgemma train --config configs/bundled.json --max-steps 20 warmup_steps=2 --out runs/bench
   rgemma train --config ft.toml lr=3e-4 bf16=true train_data='["chat.jsonl"]'
   rgemma train --config c.json model.width=128 out_dir=runs/wide
 
 Overrides are KEY=VALUE pairs of TrainConfig fields (see rgemma.training.TrainConfig),
-written together after the options, or each as --set KEY=VALUE anywhere; VALUE is
+anywhere on the line (or each as --set KEY=VALUE); VALUE is
 parsed as JSON when it can be (numbers, true/false, null, lists), else taken as a
 string; a dotted KEY sets a field of an inline model config.
 
@@ -92,7 +92,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="config overrides (together, after the options; or use --set)",
+        help="config overrides (anywhere on the line; or use --set)",
     )
     return p
 
@@ -118,7 +118,41 @@ def _train_config(args: argparse.Namespace):
     try:
         return TrainConfig.from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"{args.config}: {err}" if args.config else str(err)) from None
+        raise ConfigError(_blame(str(err), args, flags)) from None
+
+
+_FLAG_NAMES = {
+    "out_dir": "--out",
+    "max_steps": "--max-steps",
+    "init_from": "--init-from",
+    "device": "--device",
+    "num_threads": "--threads",
+}
+
+
+def _blame(message: str, args: argparse.Namespace, flags: dict[str, Any]) -> str:
+    """`message` of an invalid train config, prefixed with what set the fields it
+    names: the overrides or options that did, else the config file."""
+    import re
+
+    named = re.findall(r"TrainConfig\.(\w+)", message)
+    match = re.match(r"unknown train config key\(s\): ([^;]*)", message)
+    if match:
+        named += [k.strip() for k in match.group(1).split(",")]
+    sources: list[str] = []
+    for name in dict.fromkeys(named):
+        items = [
+            item
+            for item in list(args.set_overrides) + list(args.overrides)
+            if item.split("=", 1)[0].strip().split(".")[0] == name
+        ]
+        if items:
+            sources.append(f"override {items[-1]}")
+        elif flags.get(name) is not None:
+            sources.append(f"{_FLAG_NAMES[name]} {flags[name]}")
+    if sources:
+        return f"{', '.join(sources)}: {message}"
+    return f"{args.config}: {message}" if args.config else message
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -167,6 +201,8 @@ searched recursively for *.txt files.
 
 def add_train_tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The `train-tokenizer` subcommand's parser."""
+    from .cli import seed_type
+
     p = _new_parser(
         subparsers,
         "train-tokenizer",
@@ -196,7 +232,7 @@ def add_train_tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="how many text chunks the trainer samples (0: all; default 200000)",
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="sampling seed (default 0)")
     p.add_argument("--threads", type=int, metavar="N", help="trainer threads")
     return p
 
@@ -222,6 +258,15 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
             raise InputError(f"tokenizer training file not found: {item}")
     if args.vocab_size < 1:
         raise InputError(f"--vocab-size must be positive, got {args.vocab_size}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.input_sentence_size < 0:
+        raise InputError(f"--input-sentence-size must be >= 0, got {args.input_sentence_size}")
+    if os.path.isdir(args.output) or args.output.endswith(("/", os.sep)):
+        raise InputError(
+            f"--output {args.output} is a directory: give the .model file to write, "
+            f"e.g. {os.path.join(args.output, 'tokenizer.model')}"
+        )
     out = train_tokenizer(
         files,
         args.output,

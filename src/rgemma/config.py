@@ -193,12 +193,12 @@ class GriffinConfig:
         block_types = []
         lru_width, num_heads, conv_width = None, None, 4
         for i in indices:
-            if f"blocks.{i}.recurrent_block.rg_lru.a_param" in state_dict:
+            if any(k.startswith(f"blocks.{i}.recurrent_block.") for k in state_dict):
                 block_types.append(BlockType.RECURRENT)
                 heads, block_width, _ = shape(f"blocks.{i}.recurrent_block.rg_lru.a_gate.w")
                 lru_width, num_heads = heads * block_width, heads
                 conv_width = shape(f"blocks.{i}.recurrent_block.conv_1d.w")[0]
-            elif f"blocks.{i}.attention_block.proj_q.weight" in state_dict:
+            elif any(k.startswith(f"blocks.{i}.attention_block.") for k in state_dict):
                 block_types.append(BlockType.ATTENTION)
                 head_dim = shape(f"blocks.{i}.attention_block.proj_k.weight")[0]
                 if num_heads is None:

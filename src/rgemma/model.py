@@ -433,8 +433,11 @@ class Griffin(nn.Module):
         if not isinstance(tokens, Tensor) or tokens.ndim != 2:
             shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
             raise InputError(f"tokens must be an int tensor of shape (batch, time), got {shape}")
-        if tokens.is_floating_point() or tokens.is_complex():
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise InputError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if 0 in tokens.shape:
+            raise InputError(f"tokens must have at least one row and one time step, "
+                             f"got shape {tuple(tokens.shape)}")
         if tokens.numel():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.config.vocab_size:
@@ -449,6 +452,11 @@ class Griffin(nn.Module):
                 raise InputError(
                     f"segment_pos must have the shape of tokens {tuple(tokens.shape)}, got {got}"
                 )
+            if segment_pos.is_floating_point() or segment_pos.dtype == torch.bool:
+                raise InputError(f"segment_pos must be an integer tensor, got {segment_pos.dtype}")
+            if bool((segment_pos < -1).any()):
+                raise InputError(f"segment_pos must be >= -1 (-1 marks left padding), "
+                                 f"got {int(segment_pos.min())}")
             if segment_pos.shape[1] > 1:
                 pad_after_token = (segment_pos[:, 1:] < 0) & (segment_pos[:, :-1] >= 0)
                 if bool(pad_after_token.any()):
@@ -484,6 +492,8 @@ class Griffin(nn.Module):
             InputError: tokens out of vocabulary range, segment_pos of the wrong shape or
             with padding after a token, a state from another config or batch size.
         """
+        if logits not in ("all", "last", "none"):
+            raise InputError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         if validate:
             self._check_inputs(tokens, segment_pos)
         b, t = tokens.shape

@@ -171,6 +171,8 @@ def save_state(state: GriffinState, path: str | os.PathLike, config: GriffinConf
 
     from .io import atomic_path
 
+    if os.path.isdir(path):
+        raise InputError(f"cannot save the state to {os.fspath(path)!r}: it is a directory")
     tensors = {"next_pos": state.next_pos.contiguous()}
     for i, s in enumerate(state.blocks):
         for name, t in zip(s._fields, s):

@@ -476,10 +476,17 @@ def train_tokenizer(
         the path of the written `.model` file.
 
     Raises:
-        InputError: an input file is missing or not UTF-8, there is no text, or
-            the vocabulary is too small for the byte and special pieces.
+        InputError: an input file is missing or not UTF-8, there is no text, the
+            vocabulary is too small for the byte and special pieces, or
+            `output_path` is a directory.
     """
+    text_path = os.fspath(output_path)
     out = Path(output_path)
+    if out.is_dir() or text_path.endswith(("/", os.sep)):
+        raise InputError(
+            f"tokenizer output {text_path} is a directory: give a file path, "
+            f"e.g. {out / 'tokenizer.model'}"
+        )
     if out.suffix != ".model":
         out = out.with_name(out.name + ".model")
     specials = [START_OF_TURN, END_OF_TURN] + ["\n" * n for n in range(1, newline_pieces + 1)]

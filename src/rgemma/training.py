@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import glob
 import json
 import math
@@ -55,6 +56,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -253,6 +255,12 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr!r}")
         if self.min_lr > self.lr:
             raise ConfigError(f"TrainConfig.min_lr ({self.min_lr}) exceeds lr ({self.lr})")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds "
+                f"TrainConfig.max_steps ({self.max_steps}): lower warmup_steps "
+                f"(e.g. warmup_steps={max(0, self.max_steps // 10)}) or raise max_steps"
+            )
         for name in ("bf16", "gradient_checkpointing", "resume", "progress", "save_final"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
@@ -438,10 +446,19 @@ def model_config_from(spec: str | Mapping[str, Any]) -> GriffinConfig:
     return GriffinConfig.from_dict(data)
 
 
+def _plain(value: Any) -> Any:
+    """`value` with enums replaced by their values (for messages)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def config_diff(a: GriffinConfig, b: GriffinConfig) -> list[str]:
     """Names of the `GriffinConfig` fields where `a` and `b` differ, with both values."""
     return [
-        f"{f.name} ({getattr(a, f.name)!r} vs {getattr(b, f.name)!r})"
+        f"{f.name} ({_plain(getattr(a, f.name))!r} vs {_plain(getattr(b, f.name))!r})"
         for f in dataclasses.fields(a)
         if getattr(a, f.name) != getattr(b, f.name)
     ]
@@ -605,7 +622,8 @@ def find_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under `out_dir/checkpoints`, as (step, path), oldest first.
 
     Only directories named `step_XXXXXXX` count (temporary `.tmp-*` ones are
-    incomplete by construction); one without all its files is skipped.
+    incomplete by construction); one without all its files, or with a truncated
+    weights, optimizer or trainer-state file, is skipped.
     """
     root = Path(out_dir) / CHECKPOINT_DIR
     if not root.is_dir():
@@ -628,7 +646,47 @@ def _is_complete(path: Path) -> bool:
         path / MODEL_SUBDIR / RGEMMA_CONFIG_NAME,
         path / MODEL_SUBDIR / WEIGHTS_NAME,
     ]
-    return all(p.is_file() for p in needed)
+    if not all(p.is_file() for p in needed):
+        return False
+    # A file cut short (a crash or a full disk while copying a run) counts as missing.
+    if not _safetensors_intact(path / MODEL_SUBDIR / WEIGHTS_NAME):
+        return False
+    return all(zipfile.is_zipfile(p) for p in needed[:2])
+
+
+def _safetensors_intact(path: Path) -> bool:
+    """Whether a .safetensors file's header parses and its data fits in the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return False
+            header = json.loads(f.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+        return 8 + n + end <= size
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def damaged_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories (`step_XXXXXXX`) under `out_dir` that are incomplete
+    or have a truncated file, oldest first; `find_checkpoints` skips them."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = CHECKPOINT_RE.match(entry.name)
+        if m and entry.is_dir() and not _is_complete(entry):
+            found.append((int(m.group(1)), entry))
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -752,6 +810,11 @@ def _load_trainer_state(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------
 # Setup helpers
 # ----------------------------------------------------------------------------------
+def _warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"rgemma: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -830,6 +893,7 @@ def _build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, str
     declared = _requested_model_config(cfg)
     if cfg.init_from is not None:
         model = load_model(cfg.init_from, dtype=torch.float32, device=device, config=declared)
+        model.requires_grad_(True)  # load_model returns an inference model
         tok = getattr(model, "source", {}).get("tokenizer")
         return model, tok
     torch.manual_seed(cfg.seed)
@@ -923,6 +987,14 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         if cfg.resume:
             clean_incomplete(out_dir)
             ckpt = latest_checkpoint(out_dir)
+            for bad in damaged_checkpoints(out_dir):
+                if ckpt is None or bad.name > ckpt.name:
+                    _warn(
+                        f"checkpoint {bad} is incomplete or truncated: skipped"
+                        + (f", resuming from {ckpt.name}" if ckpt is not None else "")
+                    )
+            if ckpt is None:
+                _warn(f"no checkpoint in {out_dir}: starting from scratch")
         elif find_checkpoints(out_dir):
             raise ConfigError(
                 f"{out_dir} already holds checkpoints of a run; continue it with "
@@ -939,6 +1011,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
             model, init_tok = _build_model(cfg, device)
         model_cfg: GriffinConfig = model.config
         model.train()
+        model.requires_grad_(True)  # `load_model` returns a frozen (inference) model
         model.gradient_checkpointing = cfg.gradient_checkpointing
 
         # -- tokenizer and data -----------------------------------------------------
@@ -1127,7 +1200,7 @@ def _loop(
     bar = tqdm(
         total=cfg.max_steps,
         initial=step,
-        disable=not cfg.progress,
+        disable=not (cfg.progress and sys.stderr.isatty()),
         desc="train",
         unit="step",
         dynamic_ncols=True,

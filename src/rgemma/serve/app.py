@@ -388,6 +388,18 @@ def _sse(data: Any) -> str:
 # ----------------------------------------------------------------------------------
 # The app
 # ----------------------------------------------------------------------------------
+def _as_json(scope: dict) -> dict:
+    """`scope` with a JSON Content-Type: a body sent as text/plain (curl -d, some
+    clients) is parsed as JSON anyway, and fails as invalid JSON if it is not."""
+    headers = list(scope.get("headers") or [])
+    for name, value in headers:
+        if name == b"content-type" and b"json" in value.lower():
+            return scope
+    headers = [(n, v) for n, v in headers if n != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+    return {**scope, "headers": headers}
+
+
 class _Guard:
     """ASGI middleware: API key on /v1/*, and request counts per endpoint and status."""
 
@@ -407,6 +419,8 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
+        if scope.get("method") == "POST" and path.startswith("/v1/"):
+            scope = _as_json(scope)
         key = self.server.config.api_key
         try:
             if key and path.startswith("/v1/"):
@@ -484,6 +498,8 @@ def create_app(
             msg = first.get("msg", "invalid request")
             if param is None and kind in ("model_attributes_type", "dict_type"):
                 msg = "the request body must be a JSON object"
+            elif param is None and kind == "missing":
+                msg = "the request body is empty: send a JSON object"
             elif param is not None:
                 got = first.get("input")
                 shown = json.dumps(got)[:80] if kind != "missing" else None

@@ -182,6 +182,13 @@ class ChatCompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _check(self):
+        for i, m in enumerate(self.messages):
+            if m.content is None:
+                raise _field_error(
+                    f"messages[{i}].content",
+                    f"messages[{i}].content is missing: every message needs a content "
+                    "(a string or a list of text parts)",
+                )
         if self.tools:
             raise _field_error("tools", "tools are not supported")
         if self.response_format and self.response_format.get("type") not in (None, "text"):

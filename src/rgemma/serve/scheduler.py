@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..generate import RowText  # the stop-string / UTF-8-safe text tracker of `generate`
+from ..generation import RowText  # the stop-string / UTF-8-safe text tracker of `generate`
 from ..sampling import mask_beyond_vocab, sample, validate_sampling
 from ..state import GriffinState, concat_states
 from .metrics import Metrics

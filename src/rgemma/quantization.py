@@ -126,10 +126,14 @@ def quantize(model: Griffin, mode: str = "int8") -> Griffin:
         mode: only "int8" (weight-only, per-channel) is supported.
 
     Raises:
-        InputError: an unknown mode.
+        InputError: an unknown mode, not a `Griffin`, or a model already quantized.
     """
     if mode != "int8":
         raise InputError(f"unknown quantization mode {mode!r}; supported: 'int8'")
+    if not isinstance(model, Griffin):
+        raise InputError(f"quantize expects a rgemma Griffin model, got {type(model).__name__}")
+    if getattr(model, "quantization", None):
+        raise InputError(f"the model is already quantized ({model.quantization})")
     # Module by module, so peak memory stays near the model's own size.
     model.embedder = Int8Embedder(model.embedder)
     for block in model.blocks:
