@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from rgemma.config import BlockType, GriffinConfig
+from rgemma.config import GriffinConfig
 from rgemma.model import Griffin
 
 
@@ -18,22 +18,10 @@ def official_module():
 
 
 def official_config(cfg: GriffinConfig):
-    rg = official_module()
-    return rg.GriffinConfig(
-        vocab_size=cfg.vocab_size,
-        width=cfg.width,
-        mlp_expanded_width=cfg.mlp_expanded_width,
-        num_heads=cfg.num_heads,
-        lru_width=cfg.lru_width,
-        attention_window_size=cfg.attention_window_size,
-        block_types=tuple(
-            rg.TemporalBlockType.RECURRENT if b == BlockType.RECURRENT
-            else rg.TemporalBlockType.ATTENTION
-            for b in cfg.block_types
-        ),
-        embeddings_scale_by_sqrt_dim=cfg.embeddings_scale_by_sqrt_dim,
-        logits_soft_cap=cfg.logits_soft_cap if cfg.logits_soft_cap is not None else 0.0,
-    )
+    official_module()
+    from rgemma.bench import official_config as convert
+
+    return convert(cfg)
 
 
 def random_official(cfg: GriffinConfig, seed: int = 0, std: float = 0.3):

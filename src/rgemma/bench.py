@@ -578,7 +578,9 @@ def random_official_state_dict(config, dtype: str, seed: int = 0) -> dict[str, A
     return out
 
 
-def _official_config(cfg):
+def official_config(cfg):
+    """The official `recurrentgemma.torch.GriffinConfig` of a `GriffinConfig` (peers only;
+    imports the official package)."""
     import recurrentgemma.torch as rg
 
     from .config import BlockType
@@ -933,7 +935,7 @@ def build_adapter(impl: str, model_spec: Mapping[str, Any], dtype: str) -> Adapt
         import recurrentgemma.torch as rg
 
         model = rg.Griffin(
-            _official_config(cfg), gradient_checkpointing=False, device="meta", dtype=_dtype(dtype)
+            official_config(cfg), gradient_checkpointing=False, device="meta", dtype=_dtype(dtype)
         )
         model.load_state_dict(sd, strict=True, assign=True)
         return OfficialAdapter(model.eval())
