@@ -38,21 +38,11 @@ with --resume continues exactly where the last checkpoint left off.
 """
 
 
-def _new_parser(
-    subparsers: Any, name: str, help: str, description: str, epilog: str
-) -> argparse.ArgumentParser:
-    return subparsers.add_parser(
-        name,
-        help=help,
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The `train` subcommand's parser."""
-    p = _new_parser(
+    from .cli import new_parser  # cli imports this module at its end
+
+    p = new_parser(
         subparsers,
         "train",
         help="train or fine-tune a model (checkpoints, resume, eval)",
@@ -203,7 +193,9 @@ def add_train_tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The `train-tokenizer` subcommand's parser."""
     from .cli import seed_type
 
-    p = _new_parser(
+    from .cli import new_parser  # cli imports this module at its end
+
+    p = new_parser(
         subparsers,
         "train-tokenizer",
         help="train a SentencePiece tokenizer on text files",
