@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import shutil
@@ -66,6 +67,27 @@ def test_generate_streams_one_prompt(capsys, model_dir):
     assert rc == 0 and err == ""
     expected = generate(tiny_model(), tokenizer(), "Hello world", max_new_tokens=12)[0]
     assert out == expected.text + "\n"
+
+
+def test_generate_quantize_and_compile_options(capsys, monkeypatch, model_dir):
+    """--quantize int8 equals rgemma.quantize; --compile goes through torch.compile
+    (replaced here by a recording identity, so the test does not wait for a compiler)."""
+    import rgemma.generation as gen_mod
+    from rgemma import quantize
+
+    compiled = []
+
+    def fake_compile(fn, **kw):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(gen_mod.torch, "compile", fake_compile)
+    argv = ["generate", "Hello world", "--model", model_dir, "--max-new-tokens", "10"]
+    rc, out, err = run(capsys, argv + ["--quantize", "int8", "--compile"])
+    assert rc == 0 and err == ""
+    assert len(compiled) == 1 and compiled[0].__name__ == "decode_step"
+    expected = generate(quantize(copy.deepcopy(tiny_model())), tokenizer(), "Hello world", max_new_tokens=10)
+    assert out == expected[0].text + "\n"
 
 
 def test_generate_file_batch(capsys, model_dir, tmp_path):
@@ -236,6 +258,7 @@ ERRORS = [
     (["generate", "--model", "{model}"], "no prompt"),
     (["generate", "hi", "--model", "{model}", "--device", "nonsense"], "--device"),
     (["generate", "hi", "--model", "{model}", "--threads", "0"], "--threads"),
+    (["generate", "hi", "--model", "{model}", "--device", "meta"], "--device meta"),
     (["chat", "--model", "{model}", "--load-state", "{missing}"], "--load-state .*nope: no such"),
     (["chat", "--model", "{model}", "--load-state", "{empty}"], "--load-state .*: is a directory"),
     (["chat", "--model", "{missing}", "--save-state", "{empty}"], "--save-state .*: is a direc"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from oracle import random_model
 from rgemma.errors import CheckpointError, InputError
 from rgemma.generation import (
     ChatSession,
+    compile_decode,
     GenerationResult,
     check_vocab,
     generate,
@@ -421,3 +423,50 @@ def test_result_fields(model, tok):
     r = generate(model, tok, "Hello", max_new_tokens=3)[0]
     assert isinstance(r, GenerationResult) and r.state is None
     assert r.prefill_seconds >= 0 and r.decode_seconds >= 0 and not math.isnan(r.decode_seconds)
+
+
+# ----------------------------------------------------------------------------------
+# Compiled decode step
+# ----------------------------------------------------------------------------------
+def test_compiled_decode_equals_eager(tok):
+    """torch.compile of the decode step: same greedy tokens and close logits, for a
+    batch whose rows finish at different steps (the batch shrinks: one recompile)."""
+    import shutil
+
+    eager = tiny_model()
+    compiled = compile_decode(copy.deepcopy(eager))  # tiny_model() is shared: copy it
+    assert compile_decode(compiled) is compiled  # idempotent
+    prompts = [random_ids(9, 1), random_ids(5, 2)]
+    want = generate(eager, tok, prompts, max_new_tokens=6)
+    got = generate(compiled, tok, prompts, max_new_tokens=6)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    step = compiled.decode_step
+    if shutil.which("c++") or shutil.which("g++"):
+        assert step.failed is None and step.calls >= 5
+    state = prefill(eager, torch.tensor([random_ids(7, 3)]), None, None)[1]
+    tokens = torch.tensor([11])
+    with torch.no_grad():
+        a, sa = eager.decode_step(tokens, state)
+        b, sb = compiled.decode_step(tokens, state)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sb.next_pos, sa.next_pos)
+
+
+def test_compile_failure_falls_back_to_eager(tok, monkeypatch, capsys):
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("no C++ compiler\nsecond line")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = compile_decode(copy.deepcopy(tiny_model()))
+    got = generate(model, tok, [random_ids(6, 4)], max_new_tokens=5)
+    want = generate(tiny_model(), tok, [random_ids(6, 4)], max_new_tokens=5)
+    assert got[0].token_ids == want[0].token_ids
+    err = capsys.readouterr().err
+    assert err.count("torch.compile of the decode step failed") == 1
+    assert "RuntimeError: no C++ compiler" in err and "second line" not in err
+    assert model.decode_step.failed.startswith("RuntimeError")
+    with pytest.raises(InputError, match="compile_decode expects"):
+        compile_decode(torch.nn.Linear(2, 2))

@@ -312,3 +312,36 @@ def test_save_state_to_a_directory_is_refused(tmp_path):
     _, state = model(torch.randint(0, CFG.vocab_size, (1, 4)))
     with pytest.raises(InputError, match="it is a directory"):
         save_state(state, tmp_path, CFG)
+
+
+def test_mlp_up_projection_keeps_official_layout_outside():
+    """`ffw_up.w` is (2, m, d) inside (nn.Linear's layout) but (2, d, m) in and out of
+    state_dict, with the same values; the official module computes the same MLP."""
+    cfg = GriffinConfig.preset("test-tiny")
+    model = Griffin(cfg).float()
+    model.reset_parameters(seed=3)
+    d, m = cfg.width, cfg.mlp_expanded_width
+    mlp = model.blocks[0].mlp_block
+    assert tuple(mlp.ffw_up.w.shape) == (2, m, d) and mlp.ffw_up.w.is_contiguous()
+    sd = model.state_dict()
+    assert tuple(sd["blocks.0.mlp_block.ffw_up.w"].shape) == (2, d, m)
+    torch.testing.assert_close(sd["blocks.0.mlp_block.ffw_up.w"][1, 2], mlp.ffw_up.w[1, :, 2])
+    # Round trip into a model built on the meta device (assign=True, as load_model does).
+    other = Griffin(cfg, device="meta")
+    other.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
+    w = other.blocks[0].mlp_block.ffw_up.w
+    assert w.is_contiguous() and torch.equal(w, mlp.ffw_up.w)
+    # The MLP equals the official formula on the official layout.
+    x = torch.randn(2, 3, d)
+    up, b = sd["blocks.0.mlp_block.ffw_up.w"], mlp.ffw_up.b
+    with torch.no_grad():
+        ref = mlp.ffw_down(
+            torch.nn.functional.gelu(x @ up[0] + b[0, 0, 0], approximate="tanh")
+            * (x @ up[1] + b[1, 0, 0])
+        )
+        torch.testing.assert_close(mlp(x), ref)
+    # A checkpoint with a wrong shape is reported by load_state_dict, not transposed.
+    bad = dict(sd)
+    bad["blocks.0.mlp_block.ffw_up.w"] = torch.zeros(2, d + 1, m)
+    with pytest.raises(RuntimeError, match="ffw_up.w"):
+        Griffin(cfg).load_state_dict(bad)

@@ -20,11 +20,16 @@ def test_per_channel_round_trip_error_is_within_half_a_step():
     assert (err <= scale[:, None] / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 40])  # int8 kernel path and dequantized path
-def test_int8_matmul_matches_dequantized_weight(rows):
-    w = torch.randn(96, 64)
+@pytest.mark.parametrize(
+    "rows, k",
+    # int8 kernel path, dequantized path, and widths that are not a multiple of 16
+    # (the kernel reads out of bounds for those: they must take the dense path).
+    [(1, 64), (3, 64), (40, 64), (1, 24), (8, 40), (7, 72)],
+)
+def test_int8_matmul_matches_dequantized_weight(rows, k):
+    w = torch.randn(96, k)
     q, scale = quantize_per_channel(w)
-    x = torch.randn(rows, 64)
+    x = torch.randn(rows, k)
     ref = x @ (q.float() * scale[:, None]).T
     # The kernel path computes in bfloat16: compare at bfloat16 resolution.
     torch.testing.assert_close(int8_matmul(x, q, scale), ref, rtol=2e-2, atol=5e-2)

@@ -8,6 +8,7 @@ Public API (imported lazily, so `import rgemma` is cheap):
     generate, stream                            batched generation and streaming
     train                                       training / fine-tuning
     quantize                                    weight-only int8
+    compile_decode                              torch.compile the decode step
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _EXPORTS = {
     "GenerationResult": "generation",
     "ChatSession": "generation",
     "prompt_state": "generation",
+    "compile_decode": "generation",
     "train": "training",
     "TrainConfig": "training",
     "quantize": "quantization",

@@ -921,7 +921,8 @@ def build_adapter(impl: str, model_spec: Mapping[str, Any], dtype: str) -> Adapt
         cfg = loaded.config
         if impl in ("rgemma", "rgemma-int8"):
             return RgemmaAdapter(loaded.eval())
-        sd = dict(loaded.state_dict())
+        # Contiguous: rgemma keeps ffw_up.w as (2, m, d) and hands out a transposed view.
+        sd = {k: v.contiguous() for k, v in loaded.state_dict().items()}
         del loaded
     else:
         raise RgemmaError(f"unknown model spec kind {kind!r}")

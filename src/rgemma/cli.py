@@ -92,6 +92,22 @@ def add_common_options(parser: argparse.ArgumentParser, model: bool = True) -> N
     )
 
 
+def add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """--quantize, --compile (applied by `load_model_and_tokenizer`)."""
+    parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="weight-only int8 quantization (linear and embedding weights; faster "
+        "batch-1 decode on CPU)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (the first token waits for the compiler; "
+        "falls back to eager if compiling fails)",
+    )
+
+
 def seed_type(text: str) -> int:
     """argparse type of --seed: an int in [0, 2**63)."""
     try:
@@ -219,6 +235,8 @@ def setup_torch(args: argparse.Namespace) -> None:
             dev = torch.device(device)
         except RuntimeError as err:
             raise InputError(f"invalid --device {device!r}: {err}") from None
+        if dev.type == "meta":
+            raise InputError("--device meta holds no data: choose cpu or cuda")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"--device {device}: CUDA is not available on this machine")
 
@@ -229,7 +247,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     from .generation import load
 
     try:
-        return load(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     except OSError as err:  # not an RgemmaError: name the option
         if isinstance(err, RgemmaError) or args.model is None:
             raise
@@ -237,6 +255,15 @@ def load_model_and_tokenizer(args: argparse.Namespace):
             where = f" ({err.filename})" if err.filename not in (None, args.model) else ""
             raise InputError(f"--model {args.model}: {err.strerror}{where}") from None
         raise InputError(f"--model {args.model}: {_one_line(err)}") from None
+    if getattr(args, "quantize", None):
+        from .quantization import quantize
+
+        model = quantize(model, args.quantize)
+    if getattr(args, "compile", False):
+        from .generation import compile_decode
+
+        compile_decode(model)
+    return model, tokenizer
 
 
 def check_input_file(path: str, option: str) -> None:
@@ -339,6 +366,7 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_sampling_options(p)
     add_common_options(p)
+    add_speed_options(p)
     return p
 
 
@@ -428,6 +456,7 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--save-state", metavar="FILE", help="save the chat state at exit")
     add_sampling_options(p, max_new_tokens=512)
     add_common_options(p)
+    add_speed_options(p)
     return p
 
 

@@ -132,6 +132,67 @@ def load(
 
 
 # ----------------------------------------------------------------------------------
+# Compiled decode step
+# ----------------------------------------------------------------------------------
+class _CompiledDecodeStep:
+    """`model.decode_step` through `torch.compile`, falling back to eager (with one
+    warning) if compiling fails, e.g. on a machine without a C++ compiler."""
+
+    def __init__(self, model: torch.nn.Module, mode: str | None) -> None:
+        self.eager = model.decode_step  # the bound method of the class
+        self.compiled = torch.compile(self.eager, mode=mode, dynamic=None)
+        self.failed: str | None = None  # why compiling failed, once it has
+        self.calls = 0
+
+    def __call__(self, tokens: Tensor, state: GriffinState) -> tuple[Tensor, GriffinState]:
+        if self.failed is not None:
+            return self.eager(tokens, state)
+        try:
+            out = self.compiled(tokens, state)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means eager
+            if self.calls:  # it compiled and ran before: a real error, not the compiler
+                raise
+            self.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            print(
+                f"rgemma: torch.compile of the decode step failed ({self.failed}); "
+                "decoding eagerly",
+                file=sys.stderr,
+            )
+            return self.eager(tokens, state)
+        self.calls += 1
+        return out
+
+
+def compile_decode(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """Make every later decode step of `model` a `torch.compile`d one (in place).
+
+    Generation (`generate`, `stream`, `ChatSession`, the server) calls
+    `model.decode_step` once per token; this replaces it on this model with a
+    compiled version of the same function. Batch-1 decode of small models is
+    dominated by per-operator overhead, which compiling removes (the benchmark's
+    bundled-model table measures it). The first step compiles (tens of seconds on a
+    CPU); a new batch size recompiles once, after which the batch dimension is
+    dynamic. If compiling fails the step runs eagerly, with one warning on stderr.
+    Prefill is not compiled (its lengths vary).
+
+    Args:
+        model: a `Griffin` (quantized or not).
+        mode: `torch.compile` mode (None: the default).
+
+    Returns:
+        the same model.
+
+    Raises:
+        InputError: `model` has no `decode_step`.
+    """
+    if not callable(getattr(model, "decode_step", None)):
+        raise InputError(f"compile_decode expects a rgemma Griffin, got {type(model).__name__}")
+    if not isinstance(model.decode_step, _CompiledDecodeStep):
+        model.decode_step = _CompiledDecodeStep(model, mode)
+    return model
+
+
+# ----------------------------------------------------------------------------------
 # Prefill
 # ----------------------------------------------------------------------------------
 def _device(model: torch.nn.Module) -> torch.device:
@@ -504,6 +565,9 @@ class _Generation:
     def _step(
         self, tokens: Tensor, state: GriffinState, want_logits: bool
     ) -> tuple[Tensor | None, GriffinState]:
+        decode_step = getattr(self.model, "decode_step", None)  # Griffin's, maybe compiled
+        if want_logits and decode_step is not None:
+            return decode_step(tokens, state)
         logits, state = self.model(
             tokens[:, None], None, state, logits="last" if want_logits else "none", validate=False
         )

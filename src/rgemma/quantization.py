@@ -52,7 +52,14 @@ def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """`x @ (q * scale[:, None]).T` for x (..., k), q (n, k) int8 -> (..., n) in x.dtype."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] <= _INT8_KERNEL_MAX_ROWS and _has_int8_kernel() and x.device.type == "cpu":
+    # The kernel reads out of bounds unless k is a multiple of 16 (torch 2.13: inf/NaN
+    # or a segfault for k = 24, 40, 72), so other widths take the dense path.
+    if (
+        x2.shape[0] <= _INT8_KERNEL_MAX_ROWS
+        and k % 16 == 0
+        and _has_int8_kernel()
+        and x.device.type == "cpu"
+    ):
         y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scale.to(torch.bfloat16))
         return y.to(x.dtype).reshape(*lead, -1)
     w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
@@ -80,18 +87,19 @@ class Int8Linear(nn.Module):
 
 
 class Int8MLPBlock(nn.Module):
-    """`MLPBlock` with int8 up and down projections."""
+    """`MLPBlock` with int8 projections; both up projections are one (2m, d) matrix."""
 
     def __init__(self, mlp: MLPBlock):
         super().__init__()
-        w, b = mlp.ffw_up.w.detach(), mlp.ffw_up.b.detach()
-        # ffw_up.w[i] is (d, m); per output channel means per column: quantize w[i].T.
-        self.up = nn.ModuleList(Int8Linear(w[i].T, b[i, 0, 0]) for i in range(2))
+        w, b = mlp.ffw_up.w.detach(), mlp.ffw_up.b.detach()  # (2, m, d), (2, 1, 1, m)
+        self.expanded_width = w.shape[1]
+        self.up = Int8Linear(w.reshape(2 * w.shape[1], w.shape[2]), b.reshape(-1))
         self.ffw_down = Int8Linear.from_linear(mlp.ffw_down)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = F.gelu(self.up[0](x), approximate="tanh")
-        return self.ffw_down(gate * self.up[1](x))
+        up = self.up(x)
+        m = self.expanded_width
+        return self.ffw_down(F.gelu(up[..., :m], approximate="tanh") * up[..., m:])
 
 
 class Int8Embedder(nn.Module):
