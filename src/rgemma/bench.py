@@ -82,6 +82,7 @@ IMPL_LABELS = {
     "hf": "HF RecurrentGemma",
     "gemma": "HF Gemma (transformer baseline)",
     "rgemma-int8": "rgemma int8",
+    "rgemma-compiled": "rgemma, compiled decode step",
 }
 GiB = 1024**3
 #: Resident memory of the interpreter, torch and the implementation's libraries
@@ -756,8 +757,9 @@ class RgemmaAdapter(Adapter):
         self.next = self.random_tokens(batch, 1)
 
     def step(self) -> None:
-        logits, self.state = self.model(self.next, None, self.state, logits="last", validate=False)
-        self.next = logits[:, -1].argmax(-1, keepdim=True)
+        # What generation calls per token (compiled after a "compile" task).
+        logits, self.state = self.model.decode_step(self.next[:, 0], self.state)
+        self.next = logits.argmax(-1, keepdim=True)
 
     def state_bytes(self) -> int:
         if self.state is None:
@@ -1246,6 +1248,28 @@ class _Worker:
             "weight_bytes": ad.weight_bytes(),
             "dtype_before": str(ref.dtype),
         }
+
+    def _compile(self, task: Mapping[str, Any]) -> dict[str, Any]:
+        """`compile_decode` the rgemma model, then compile it for each batch size of
+        `task["batches"]` (two warm-up steps each), so decode points time compiled
+        steps only; reports the compile time."""
+        from .generation import compile_decode
+
+        ad = self.adapter
+        if not isinstance(ad, RgemmaAdapter):
+            raise RgemmaError("only rgemma models can be compiled")
+        compile_decode(ad.model)
+        ad.impl += "-compiled"
+        seconds = {}
+        for b in task.get("batches", [1]):
+            t0 = time.perf_counter()
+            ad.start_decode(b, 16, "synthetic")
+            ad.step()
+            ad.step()
+            seconds[str(b)] = time.perf_counter() - t0
+            ad.reset()
+        failed = ad.model.decode_step.failed
+        return {"compile_s": seconds, "failed": failed, "status": "error" if failed else "ok"}
 
     def _quality(self, task: Mapping[str, Any]) -> dict[str, Any]:
         """int8 against float32 on validation text: logit error and perplexity."""
@@ -2034,6 +2058,11 @@ def bench_bundled(
             continue
         log(f"[bundled] {IMPL_LABELS[impl]} (float32) ...")
         runs[impl] = run_worker(impl, spec, "float32", tasks, **common)
+    log("[bundled] rgemma compiled decode step (float32) ...")
+    ctask = {"id": "compile", "kind": "compile", "batches": list(opts.batches)}
+    runs["rgemma-compiled"] = run_worker(
+        "rgemma", spec, "float32", [ctask] + tasks, **{**common, "isolate": "impl"}
+    )
     log("[bundled] int8 quality and speed ...")
     qtask = {
         "id": "quality",
@@ -2497,6 +2526,14 @@ def tables(results: Mapping[str, Any]) -> str:
                     f"\n5. Bundled model ({bd['path']}): decode, float32 (int8 row: rgemma int8)",
                 )
             )
+            comp = bd.get("runs", {}).get("rgemma-compiled", {}).get("results", {})
+            comp = comp.get("compile") or {}
+            if comp.get("compile_s"):
+                out.append(
+                    "compiled decode step: first steps (compiling) took "
+                    + ", ".join(f"{v:.1f} s at batch {b}" for b, v in comp["compile_s"].items())
+                    + (f"; compile FAILED ({comp['failed']}), eager" if comp.get("failed") else "")
+                )
             q = bd.get("quality") or {}
             if q.get("status") == "ok":
                 out.append(

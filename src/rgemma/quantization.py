@@ -48,8 +48,12 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """`x @ (q * scale[:, None]).T` for x (..., k), q (n, k) int8 -> (..., n) in x.dtype."""
+def int8_matmul(x: Tensor, q: Tensor, scale: Tensor, scale_bf16: Tensor | None = None) -> Tensor:
+    """`x @ (q * scale[:, None]).T` for x (..., k), q (n, k) int8 -> (..., n) in x.dtype.
+
+    `scale_bf16`: the scales already in bfloat16 for the int8 kernel (a dtype cast of
+    a constant inside the kernel's arguments does not compile with torch.compile).
+    """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     # The kernel reads out of bounds unless k is a multiple of 16 (torch 2.13: inf/NaN
@@ -60,7 +64,9 @@ def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
         and _has_int8_kernel()
         and x.device.type == "cpu"
     ):
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scale.to(torch.bfloat16))
+        if scale_bf16 is None or scale_bf16.dtype != torch.bfloat16:  # e.g. after .float()
+            scale_bf16 = scale.to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scale_bf16)
         return y.to(x.dtype).reshape(*lead, -1)
     w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
     return (x2 @ w.T).reshape(*lead, -1)
@@ -74,6 +80,7 @@ class Int8Linear(nn.Module):
         q, scale = quantize_per_channel(weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
         self.register_buffer("bias", bias.detach().float() if bias is not None else None)
         self.out_features, self.in_features = weight.shape
 
@@ -82,7 +89,7 @@ class Int8Linear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = int8_matmul(x, self.weight_int8, self.scale)
+        y = int8_matmul(x, self.weight_int8, self.scale, self.scale_bf16)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
 
@@ -111,6 +118,7 @@ class Int8Embedder(nn.Module):
         q, scale = quantize_per_channel(embedder.input_embedding)
         self.register_buffer("table_int8", q)
         self.register_buffer("row_scale", scale)
+        self.register_buffer("row_scale_bf16", scale.to(torch.bfloat16))
         self.scale = embedder.scale
 
     def encode(self, tokens: Tensor) -> Tensor:
@@ -118,7 +126,7 @@ class Int8Embedder(nn.Module):
         return x * self.scale if self.scale != 1.0 else x
 
     def decode(self, x: Tensor) -> Tensor:
-        return int8_matmul(x, self.table_int8, self.row_scale)
+        return int8_matmul(x, self.table_int8, self.row_scale, self.row_scale_bf16)
 
     @property
     def input_embedding(self) -> Tensor:  # for dtype/device queries (init_state)
@@ -151,5 +159,10 @@ def quantize(model: Griffin, mode: str = "int8") -> Griffin:
                 setattr(tb, name, Int8Linear.from_linear(child))
         block.mlp_block = Int8MLPBlock(block.mlp_block)
     model.float()  # what is left: RG-LRU, conv, norms (int8 buffers are not touched)
+    for module in model.modules():  # .float() also converted the kernel's bf16 scales
+        if isinstance(module, Int8Linear):
+            module.scale_bf16 = module.scale.to(torch.bfloat16)
+        elif isinstance(module, Int8Embedder):
+            module.row_scale_bf16 = module.row_scale.to(torch.bfloat16)
     model.quantization = mode
     return model
