@@ -4,21 +4,33 @@ Starts `rgemma serve` as a subprocess on 127.0.0.1 (a free port) and measures:
 
 1. continuous batching: `--clients` concurrent streaming clients (also the
    server's `--max-batch-size`) share `--requests` requests, each client sending
-   its next request as soon as the previous one ends; repeated for `--rounds`
-   rounds, each with new requests (new prompts: the prefix cache keeps filling up
-   to its budget);
-2. one at a time: a fresh server (same warm-up, so the same cache state) gets
-   round 1's requests from a single client.
+   its next request as soon as the previous one ends; first a warm-up round, then
+   `--rounds` rounds, each with new requests (new prompts: the prefix cache keeps
+   filling up to its budget);
+2. one at a time: a fresh server (same warm-up round, so the same cache state)
+   gets round 1's requests from a single client.
 
 Every round stops by itself: after its requests, or after `--duration` seconds
 (requests running then finish, none new is sent). It reports completed requests,
 failures (must be 0), aggregate output tokens/s, time to first token and
 inter-token latency percentiles (client side: gaps between streamed chunks), and
 the server's resident memory (RSS, and the prefix cache's share from /metrics)
-after warm-up and after each round: it must stay flat whatever the number of
-requests served (the state per sequence is fixed, the prefix cache and the
-metrics are bounded). Output: a Markdown summary on stdout (`--json FILE` for
-the raw figures); exit code 1 if any request failed.
+after the warm-up round and after each round, read once the server has been idle
+for `--settle` seconds (it hands freed heap memory back after 0.5 s idle).
+
+Memory must stay flat whatever the number of requests served: the state per
+sequence is fixed, the prefix cache and the metrics are bounded, and the server
+runs the model on a fixed set of shapes (prefill pieces of 2^k or 3 * 2^k tokens,
+batch sizes padded to a power of two), so oneDNN's per-shape kernel caches stop
+growing once each shape has been seen.
+The warm-up round is excluded from the check (it loads those kernels, fills the
+allocator's pools at full concurrency and starts the prefix cache): the verdict
+compares the RSS after each later round with the RSS after the warm-up round,
+less the prefix cache's bytes (it fills up to its `--prefix-cache-mb` budget by
+design), and fails if it grew by more than `--rss-tolerance-mb`.
+
+Output: a Markdown summary on stdout (`--json FILE` for the raw figures); exit
+code 1 if any request failed or memory grew.
 
 Without `--model`, a random model is built (the bundled tokenizer, a small Griffin
 of `--width` / `--layers`) in a temporary directory: the numbers then measure the
@@ -251,6 +263,32 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise SystemExit(f"the server was not ready after {timeout:.0f} s")
 
 
+def memory_verdict(memory: dict, tolerance_mb: float) -> dict | None:
+    """Flat or growing: RSS after the last round vs after the warm-up round (the
+    warm-up round itself is excluded: it loads the per-shape kernels and fills the
+    allocator's pools once)."""
+    if "warm-up" not in memory or len(memory) < 3:
+        return None
+
+    def net(v: dict) -> float:  # the prefix cache fills up to its budget by design
+        return v["rss"] - (v["cache"] if v["cache"] == v["cache"] else 0.0)  # NaN: none
+
+    base, last_name = memory["warm-up"], list(memory)[-1]
+    last = memory[last_name]
+    rounds = [net(v) for k, v in memory.items() if k not in ("start", "warm-up")]
+    growth, peak = net(last) - net(base), max(rounds) - net(base)
+    flat = growth <= tolerance_mb and peak <= tolerance_mb
+    text = (
+        f"Memory verdict: {'FLAT' if flat else 'GROWING'}: RSS {base['rss']:.0f} MiB after "
+        f"the warm-up round (excluded from the check), {last['rss']:.0f} MiB after "
+        f"{last_name} ({last['rss'] - base['rss']:+.1f} MiB, of which prefix cache "
+        f"{last['cache'] - base['cache']:+.1f} MiB); without the prefix cache (bounded "
+        f"by its budget) {growth:+.1f} MiB, peak {peak:+.1f} MiB over {len(rounds)} "
+        f"rounds (tolerance {tolerance_mb:g} MiB)."
+    )
+    return {"flat": flat, "growth_mb": growth, "peak_growth_mb": peak, "text": text}
+
+
 def fmt_ms(p: dict) -> str:
     return " / ".join(f"{p[k] * 1000:.1f}" for k in ("p50", "p90", "p99")) if p["n"] else "-"
 
@@ -268,6 +306,8 @@ class Server:
         cmd += ["--max-tokens", str(max(args.max_tokens, 16))]
         cmd += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
         cmd += ["--log-level", "warning", "--api-key", self.key]
+        if args.no_shape_buckets:
+            cmd.append("--no-shape-buckets")
         for opt in ("threads", "device", "dtype", "quantize"):
             if getattr(args, opt) is not None:
                 cmd += [f"--{opt}", str(getattr(args, opt))]
@@ -294,8 +334,10 @@ class Server:
                 return float(line.split()[-1])
         return float("nan")
 
-    def memory(self) -> dict:
-        """Server RSS and the prefix cache's share of it, in MiB."""
+    def memory(self, settle: float = 0.0) -> dict:
+        """Server RSS and the prefix cache's share of it, in MiB, after `settle`
+        seconds idle."""
+        time.sleep(settle)
         return {
             "rss": rss_mb(self.proc.pid),
             "cache": self.metric("rgemma_prefix_cache_bytes") / 2**20,
@@ -344,6 +386,24 @@ def main(argv: list[str] | None = None) -> int:
         default=64.0,
         help="server prefix-cache budget (default 64)",
     )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=1.5,
+        help="idle seconds before reading the server's RSS (default 1.5)",
+    )
+    ap.add_argument(
+        "--rss-tolerance-mb",
+        type=float,
+        default=10.0,
+        help="most RSS growth from the warm-up round to the last round that still "
+        "counts as flat (default 10 MiB)",
+    )
+    ap.add_argument(
+        "--no-shape-buckets",
+        action="store_true",
+        help="serve with --no-shape-buckets (exact shapes: memory grows with new shapes)",
+    )
     ap.add_argument("--skip-sequential", action="store_true", help="skip the one-at-a-time phase")
     ap.add_argument("--threads", type=int, help="server torch threads")
     ap.add_argument("--device", help="server device (default cpu)")
@@ -356,22 +416,24 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--requests, --clients, --max-tokens and --rounds must be >= 1")
 
     tmp = Path(tempfile.mkdtemp(prefix="rgemma-serve-load-"))
-    warm = make_requests(args.clients, args.max_tokens, args.seed + 10_000)
+    warm = make_requests(args.requests, args.max_tokens, args.seed + 10_000)
     rounds = [
         make_requests(args.requests, args.max_tokens, args.seed + r) for r in range(args.rounds)
     ]
-    batched, sequential, memory, hits = [], None, {}, float("nan")
+    batched, sequential, memory, hits, warmup = [], None, {}, float("nan"), None
     try:
         model = args.model or str(make_random_model(tmp, args.width, args.layers, args.seed))
-        # Continuous batching: warm up at full concurrency (the allocator's pools grow
-        # to the batch size once), then rounds of new requests; memory after each.
+        # Continuous batching: a warm-up round at full concurrency (per-shape kernels,
+        # the allocator's pools, the prefix cache), then rounds of new requests;
+        # memory after each, once the server is idle.
         server = Server(args, model, tmp, "batched")
         try:
-            server.phase(warm, len(warm), args.duration)
-            memory["after warm-up"] = server.memory()
+            memory["start"] = server.memory(args.settle)
+            warmup = server.phase(warm, args.clients, args.duration)
+            memory["warm-up"] = server.memory(args.settle)
             for r, requests in enumerate(rounds):
                 batched.append(server.phase(requests, args.clients, args.duration))
-                memory[f"after round {r + 1}"] = server.memory()
+                memory[f"round {r + 1}"] = server.memory(args.settle)
             hits = server.metric("rgemma_prefix_cache_hits_total")
         finally:
             server.close()
@@ -379,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_sequential:
             server = Server(args, model, tmp, "sequential")
             try:
-                server.phase(warm, len(warm), args.duration)
+                server.phase(warm, args.clients, args.duration)
                 sequential = server.phase(rounds[0], 1, args.duration)
             finally:
                 server.close()
@@ -407,26 +469,36 @@ def main(argv: list[str] | None = None) -> int:
     phases = [(f"continuous batching, round {i + 1}", r) for i, r in enumerate(batched)]
     if sequential is not None:
         phases.append(("one at a time (round 1's requests)", sequential))
-    for name, r in phases:
+    shown = ([("continuous batching, warm-up round", warmup)] if warmup else []) + phases
+    for name, r in shown:
         lines.append(
             f"| {name} | {r['clients']} | {r['completed']}/{r['sent']} | "
             f"{r['failures']} | {r['wall_s']:.1f} | {r['tokens']} | "
             f"{r['tokens_per_s']:.1f} | {fmt_ms(r['ttft_s'])} | {fmt_ms(r['itl_s'])} |"
         )
     lines.append("")
-    if sequential is not None and sequential["tokens_per_s"] > 0:
+    if sequential is not None and sequential["tokens_per_s"] > 0 and batched:
         speedup = batched[0]["tokens_per_s"] / sequential["tokens_per_s"]
+        mean = statistics.fmean(r["tokens_per_s"] for r in batched)
         lines.append(
-            f"Continuous batching / one at a time (same requests): {speedup:.2f}x "
-            "aggregate tokens/s."
+            f"Continuous batching / one at a time (same requests, round 1): {speedup:.2f}x "
+            f"aggregate tokens/s ({batched[0]['tokens_per_s']:.1f} vs "
+            f"{sequential['tokens_per_s']:.1f}; mean over the rounds {mean:.1f})."
         )
+    lines += ["", "| server RSS MiB | " + " | ".join(memory) + " |"]
+    lines.append("| --- " * (len(memory) + 1) + "|")
+    lines.append("| RSS | " + " | ".join(f"{v['rss']:.0f}" for v in memory.values()) + " |")
     lines.append(
-        "Server memory, RSS (of which prefix cache) MiB: "
-        + ", ".join(f"{k} {v['rss']:.0f} ({v['cache']:.1f})" for k, v in memory.items())
-        + "."
+        "| of which prefix cache | "
+        + " | ".join(f"{v['cache']:.1f}" for v in memory.values())
+        + " |"
     )
+    lines.append("")
+    growth = memory_verdict(memory, args.rss_tolerance_mb)
+    if growth is not None:
+        lines.append(growth["text"])
     lines.append(f"Prefix-cache hits (batched server): {hits:.0f}.")
-    errors = sorted({e for _, r in phases for e in r["errors"]})
+    errors = sorted({e for _, r in shown for e in r["errors"]})
     if errors:
         lines.append("Errors: " + "; ".join(errors))
     print("\n".join(lines))
@@ -434,17 +506,19 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(
                 {
+                    "warmup": warmup,
                     "batched": batched,
                     "sequential": sequential,
                     "memory_mb": memory,
+                    "memory_verdict": growth,
                     "prefix_cache_hits": hits,
                     "args": vars(args),
                 },
                 f,
                 indent=1,
             )
-    failures = sum(r["failures"] for _, r in phases)
-    return 1 if failures else 0
+    failures = sum(r["failures"] for _, r in shown)
+    return 1 if failures or (growth is not None and not growth["flat"]) else 0
 
 
 if __name__ == "__main__":

@@ -168,7 +168,9 @@ def test_scheduler_seeded_sampling_matches_generate(model, tok):
 # HTTP: exactness alone and in a batch of 16, streaming, malformed neighbours
 # ----------------------------------------------------------------------------------
 def test_http_greedy_alone_and_with_15_others(model, tok):
-    app = create_app(model, tok, small_config(prefill_chunk=128))
+    # prefill budget above the 16 prompts' tokens: all join in the first step, so the
+    # batch surely reaches 16 rows even if a sampled request stops after a few tokens
+    app = create_app(model, tok, small_config(prefill_chunk=512))
     target = PROMPTS[1]
     ref = greedy_ref(model, tok, target, 40)
     body = {"model": "rgemma", "prompt": target, "max_tokens": 40, "temperature": 0}
@@ -705,3 +707,169 @@ def test_cli_serve_checks_the_port_before_loading(capsys):
     assert len(err.strip().splitlines()) == 1
     assert main(["serve", "--host", "no-such-host.invalid", "--model", "/nonexistent"]) == 2
     assert "cannot listen on no-such-host.invalid:8000: " in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------
+# Bounded memory: per-request bookkeeping is freed, the model sees few shapes
+# ----------------------------------------------------------------------------------
+def test_finished_requests_leave_nothing_behind(model, tok):
+    """After requests of every kind end, the scheduler holds no request, row, state or
+    reserved slot, and every `GenerationRequest` is freed by reference counting alone
+    (no request <-> bridge cycle left for the garbage collector)."""
+    import gc
+    import weakref
+
+    app = create_app(model, tok, small_config())
+    sched = app.state.server.scheduler
+    refs = []
+    submit = sched.submit
+
+    def tracked(req):
+        refs.append(weakref.ref(req))
+        submit(req)
+
+    sched.submit = tracked
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+    async def scenario(client):
+        async def one(i):
+            stream = i % 2 == 0
+            if i % 3 == 0:
+                path, body = "/v1/chat/completions", {"messages": chat}
+            else:
+                path, body = "/v1/completions", {"prompt": PROMPTS[i % len(PROMPTS)], "n": 2}
+            body.update(max_tokens=3 + i, temperature=0.5, seed=i, stream=stream)
+            r = await client.post(path, json=body)
+            assert r.status_code == 200, r.text
+            if stream:
+                sse_data(r.text)
+
+        await asyncio.gather(*(one(i) for i in range(12)))
+        bad = await client.post("/v1/completions", json={"prompt": "x", "n": 99})
+        assert bad.status_code == 400
+        # the last "done" event can reach the client just before the scheduler
+        # thread retires its request
+        for _ in range(500):
+            if sched.num_active == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        run_async(app, scenario)
+        alive = sum(r() is not None for r in refs)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert len(refs) == 12
+    assert alive == 0
+    assert sched.num_active == sched.num_queued == sched.num_rows == 0
+    assert sched._reserved == 0 and not sched._prefills and sched._state is None
+
+
+def test_shape_buckets_bound_the_model_shapes(model, tok):
+    """With shape buckets, prompts of every length from 1 to 40 tokens and batches of
+    every size only make prefill pieces of 2^k or 3 * 2^k tokens and power-of-two
+    decode batch sizes (capped at max_batch_size), the tokens being those of
+    `generate` alone; without, the exact sizes."""
+    base = tok.encode(" ".join(PROMPTS))
+    prompts = [base[:n] for n in range(1, 41)]
+
+    def serve(buckets):
+        shapes = set()
+        handle = model.register_forward_pre_hook(lambda m, a: shapes.add(tuple(a[0].shape)))
+        sched = Scheduler(model, tok, max_batch_size=6, prefill_chunk=32, shape_buckets=buckets)
+        events = [[] for _ in prompts]
+        try:
+            for i, p in enumerate(prompts):
+                params = SamplingParams(max_tokens=2 + i % 5)
+                sched.submit(GenerationRequest([p], params, on_event=events[i].append))
+            while sched.has_work():
+                sched.step()
+                if sched.num_rows:
+                    assert sched._state.batch_size == sched._bucket(sched.num_rows)
+        finally:
+            handle.remove()
+        ids = [[e.token_id for e in ev if e.kind == "token"] for ev in events]
+        return shapes, ids
+
+    shapes, ids = serve(True)
+    prefill = {t for b, t in shapes if b == 1}
+    decode = {b for b, t in shapes if t == 1}
+    assert prefill <= {1, 2, 3, 4, 6, 8, 12, 16, 24, 32}
+    assert decode == {1, 2, 4, 6}  # 3 -> 4, 5 -> 6 (max_batch_size)
+    assert {(b, t) for b, t in shapes if b > 1 and t > 1} == set()
+    exact_shapes, exact_ids = serve(False)
+    assert ids == exact_ids
+    assert {t for b, t in exact_shapes if b == 1} >= set(range(1, 33))
+    assert {b for b, t in exact_shapes if t == 1} - {1, 2, 4, 6}  # e.g. 3 or 5
+    for p, got in list(zip(prompts, ids))[::7]:
+        ref = generate(model, tok, [p], max_new_tokens=len(got), temperature=0.0)[0]
+        assert got[: len(ref.token_ids)] == ref.token_ids
+
+
+def test_idle_scheduler_hands_memory_back(model, tok):
+    """glibc: once idle after some work, the scheduler trims the heap (malloc_trim),
+    once per idle period."""
+    import platform
+
+    from rgemma.serve.scheduler import release_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert release_memory() is False
+        pytest.skip("malloc_trim is glibc's")
+    assert release_memory() is True
+    sched = Scheduler(model, tok, max_batch_size=2, idle_trim_s=0.0)
+    sched.start()
+    try:
+        assert sched.trims == 0  # idle, but no work done yet
+        for expected in (1, 2):
+            done = threading.Event()
+
+            def on_event(event, done=done):
+                if event.kind == "done":
+                    done.set()
+
+            sched.submit(
+                GenerationRequest(
+                    [tok.encode("Hi")], SamplingParams(max_tokens=3), on_event=on_event
+                )
+            )
+            assert done.wait(20)
+            assert wait_until(lambda n=expected: sched.trims >= n)
+            assert sched.trims == expected
+    finally:
+        sched.stop()
+
+
+def test_scheduler_decodes_through_compiled_decode_step(model, tok, monkeypatch):
+    """`compile_decode` (here with a counting stand-in for torch.compile, so the test
+    does not wait for a compiler) is what the scheduler's decode steps call."""
+    import copy
+
+    import rgemma.generation as gen_mod
+
+    calls = []
+
+    def counting_compile(fn, **kw):
+        def run(*args):
+            calls.append(args[0].shape[0])  # batch size (padded to a bucket)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(gen_mod.torch, "compile", counting_compile)
+    compiled = gen_mod.compile_decode(copy.deepcopy(model))
+    sched = Scheduler(compiled, tok, max_batch_size=4, prefill_chunk=64)
+    events = [[] for _ in PROMPTS[:3]]
+    for i, p in enumerate(PROMPTS[:3]):
+        sched.submit(
+            GenerationRequest([tok.encode(p)], SamplingParams(max_tokens=6), on_event=events[i].append)
+        )
+    while sched.has_work():
+        sched.step()
+    assert calls and set(calls) <= {1, 2, 4}
+    for i, p in enumerate(PROMPTS[:3]):
+        ids = [e.token_id for e in events[i] if e.kind == "token" and e.token_id is not None]
+        assert ids == greedy_ref(model, tok, p, 6).token_ids

@@ -67,7 +67,7 @@ def check_listen(host: str, port: int) -> None:
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from .cli import add_common_options, new_parser
+    from .cli import add_common_options, add_speed_options, new_parser
 
     p = new_parser(
         subparsers,
@@ -101,7 +101,6 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=os.environ.get("RGEMMA_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $RGEMMA_API_KEY, else no key)",
     )
-    p.add_argument("--quantize", choices=("int8",), help="weight-only int8 quantization")
     p.add_argument(
         "--model-name",
         metavar="NAME",
@@ -145,17 +144,26 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="prefix-cache boundaries every N tokens (default 256)",
     )
     p.add_argument(
+        "--no-shape-buckets",
+        dest="shape_buckets",
+        action="store_false",
+        help="run every prefill chunk and decode batch at its exact size (by default "
+        "the model only sees a fixed set of prompt-piece lengths and batch sizes, which keeps the "
+        "per-shape kernel caches, and so memory, bounded)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("critical", "error", "warning", "info", "debug"),
         help="uvicorn log level (default info)",
     )
     add_common_options(p)
+    add_speed_options(p)
     return p
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .cli import setup_torch
+    from .cli import load_model_and_tokenizer, setup_torch
     from .errors import InputError
 
     for name in (
@@ -182,13 +190,7 @@ def run_serve(args: argparse.Namespace) -> int:
         ) from None
     check_listen(args.host, args.port)
     setup_torch(args)
-    from .generation import load
-
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
-    if args.quantize:
-        from .quantization import quantize
-
-        model = quantize(model, args.quantize)
+    model, tokenizer = load_model_and_tokenizer(args)  # with --quantize / --compile
     name = args.model_name
     if name is None:
         name = os.path.basename(os.path.normpath(args.model)) if args.model else "rgemma"
@@ -202,6 +204,7 @@ def run_serve(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         prefix_block=args.prefix_block,
+        shape_buckets=args.shape_buckets,
     )
     app = create_app(model, tokenizer, config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:

@@ -81,6 +81,10 @@ class ServeConfig:
         prefix_cache_bytes: byte budget of the prefix state cache (0: off).
         prefix_block: prefix-cache boundaries every this many tokens.
         prefix_min_tokens: shortest prefix worth caching.
+        shape_buckets: run the model only on prefill pieces of 2^k or 3 * 2^k tokens
+            and on decode batches padded to a power of two, so that memory (oneDNN's
+            per-shape kernel caches) stays bounded whatever the traffic (see
+            `rgemma.serve.scheduler`).
     """
 
     model_name: str = "rgemma"
@@ -94,10 +98,15 @@ class ServeConfig:
     prefix_cache_bytes: int = 1 << 30
     prefix_block: int = 256
     prefix_min_tokens: int = 16
+    shape_buckets: bool = True
 
 
 _DISCONNECTED = object()
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def _drop_event(event: Event) -> None:
+    """The receiver of a request whose client is done with it."""
 
 
 # ----------------------------------------------------------------------------------
@@ -147,6 +156,10 @@ class _Bridge:
             watcher.cancel()
             if remaining:
                 self.scheduler.cancel(self.req)
+            # Break the request <-> bridge cycle (req.on_event is our bound method), so
+            # that both are freed as soon as the handler lets go, not at the next
+            # cyclic garbage collection; late events (a cancelled request's) are dropped.
+            self.req.on_event = _drop_event
 
 
 # ----------------------------------------------------------------------------------
@@ -191,6 +204,7 @@ class _Server:
                 prefix_cache=cache,
                 prefix_block=config.prefix_block,
                 metrics=self.metrics,
+                shape_buckets=config.shape_buckets,
             )
         self.scheduler = scheduler
         self.metrics.bind_scheduler(scheduler)

@@ -9,11 +9,21 @@ sampling parameters and random generator, its own stop conditions. Every step:
    about `prefill_budget` tokens per step, so a long prompt delays the running
    rows by one chunk per step, not by its whole length. A prompt whose prefix
    state is in the `PrefixCache` starts from it. When a prompt is done, its first
-   token is sampled and its state (repeated for `n` choices) joins the batch
-   (`concat_states`);
+   token is sampled and its state (repeated for `n` choices) joins the batch;
 4. decode: one model call on the last token of every row, tokens (b, 1); sample
    each row; send its text piece to its request; rows that stopped leave the
    batch at once (`GriffinState.select`).
+
+Bounded memory: on CPU every distinct input shape makes oneDNN build (and keep,
+in its primitive caches) JIT kernels, about 0.6 MB per operation and shape, some
+5 MB per model call shape for a small Griffin; and glibc keeps freed memory. With
+`shape_buckets` (the default) the model only ever sees a small fixed set of shapes:
+prefill pieces of lengths 2^k or 3 * 2^k (a chunk of 100 tokens runs as 96 + 4; 16
+lengths up to 256) and decode batches padded to a power of two (capped at `max_batch_size`; the pad
+rows repeat a real row and are never sampled), so those caches stop growing once
+each shape has been seen, whatever the prompt lengths and the batch size. When the
+scheduler has been idle for `idle_trim_s`, it hands freed heap memory back to the
+system (`malloc_trim`, glibc only).
 
 Exactness: a row's tokens do not depend on the other rows (the model's rows are
 independent, sampling is per row with per-row generators), so a greedy request
@@ -30,10 +40,12 @@ fixed-size state makes unnecessary.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import logging
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -45,7 +57,7 @@ from torch import Tensor
 
 from ..generation import RowText  # the stop-string / UTF-8-safe text tracker of `generate`
 from ..sampling import mask_beyond_vocab, sample, validate_sampling
-from ..state import GriffinState, concat_states
+from ..state import GriffinState
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 
@@ -54,6 +66,58 @@ __all__ = ["Event", "GenerationRequest", "QueueFull", "SamplingParams", "Schedul
 log = logging.getLogger("rgemma.serve")
 
 _request_ids = itertools.count(1)
+
+
+def _load_malloc_trim() -> Callable[[], None] | None:
+    """glibc's `malloc_trim(0)` (free heap pages back to the system), or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).malloc_trim  # absent from musl and other libcs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: fn(0)
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_memory() -> bool:
+    """Return freed heap memory to the system (glibc `malloc_trim`); False where
+    unsupported."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim()
+    return True
+
+
+def _piece(n: int) -> int:
+    """The longest prefill piece of at most n tokens: 2^k or 3 * 2^k (1, 2, 3, 4, 6, 8,
+    12, 16, 24, ...: 16 lengths up to 256; a chunk takes 2.4 calls on average)."""
+    p = 1 << (n.bit_length() - 1)
+    return p + p // 2 if p >= 2 and n >= p + p // 2 else p
+
+
+def _join_rows(old: GriffinState | None, n: int, new: GriffinState, size: int) -> GriffinState:
+    """Rows [:n] of `old`, then the one row of `new` repeated up to `size` rows (the
+    new choices, then pad rows): one copy per tensor."""
+
+    def cat(a: Tensor | None, b: Tensor) -> Tensor:
+        rep = b.expand(size - n, *b.shape[1:])
+        return rep.contiguous() if a is None or n == 0 else torch.cat([a[:n], rep])
+
+    if old is None:
+        return GriffinState(
+            blocks=tuple(type(s)(*(cat(None, t) for t in s)) for s in new.blocks),
+            next_pos=cat(None, new.next_pos),
+        )
+    return GriffinState(
+        blocks=tuple(
+            type(sn)(*(cat(a, b) for a, b in zip(so, sn))) for so, sn in zip(old.blocks, new.blocks)
+        ),
+        next_pos=cat(old.next_pos, new.next_pos),
+    )
 
 
 class QueueFull(RuntimeError):
@@ -253,6 +317,12 @@ class Scheduler:
         prefix_block: boundary spacing for prefix keys when there is no cache (the
             cache's `block_size` otherwise); chunks are split there either way.
         metrics: where to count tokens and latencies.
+        shape_buckets: run the model on a small fixed set of shapes (prefill pieces of
+            2^k or 3 * 2^k tokens, decode batches padded to a power of two) so that
+            oneDNN's per-shape kernel caches stay bounded (see the module docstring).
+            False: every prefill chunk and decode batch runs at its exact size.
+        idle_trim_s: after this many idle seconds, hand freed heap memory back to
+            the system (glibc `malloc_trim`); None: never.
 
     Use `start()` / `stop()` for the thread, or call `step()` yourself.
     """
@@ -269,6 +339,8 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         prefix_block: int = 256,
         metrics: Metrics | None = None,
+        shape_buckets: bool = True,
+        idle_trim_s: float | None = 0.5,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_queue >= 0")
@@ -279,6 +351,9 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self._keys = prefix_cache or PrefixCache(0, block_size=prefix_block)
         self.metrics = metrics or Metrics()
+        self.shape_buckets = shape_buckets
+        self.idle_trim_s = idle_trim_s
+        self.trims = 0  # times freed memory was handed back
         p = next(model.parameters())
         self.device = p.device
         self.vocab = tokenizer.vocab_size  # model rows beyond it are never sampled
@@ -291,6 +366,8 @@ class Scheduler:
         self._prefills: deque[_Prefill] = deque()
         self._admitted: list[GenerationRequest] = []  # being prefilled or decoded
         self._rows: list[_Row] = []
+        # The running batch's state: the rows of `_rows` first, then pad rows (copies
+        # of real rows, never sampled) up to `_bucket(len(_rows))`.
         self._state: GriffinState | None = None
         self._reserved = 0  # rows of admitted requests not yet in the batch
         self._thread: threading.Thread | None = None
@@ -397,17 +474,32 @@ class Scheduler:
     # -- the loop ------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        dirty = False  # steps ran since memory was last handed back
         while True:
             with self._cond:
-                while not self._stopping and not self.has_work():
-                    self._cond.wait()
-                if self._stopping:
-                    return
+                if dirty and self.idle_trim_s is not None and not self.has_work():
+                    # idle: once idle_trim_s pass with nothing to do, trim (below)
+                    if not self._stopping:
+                        self._cond.wait(self.idle_trim_s)
+                    trim = not self._stopping and not self.has_work()
+                else:
+                    trim = False
+                if not trim:
+                    while not self._stopping and not self.has_work():
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+            if trim:
+                dirty = False
+                if release_memory():
+                    self.trims += 1
+                continue
             try:
                 self.step()
             except Exception:  # never let the thread die
                 log.exception("scheduler step failed")
                 time.sleep(0.01)
+            dirty = True
 
     def _can_admit_now(self, req: GenerationRequest) -> bool:
         return (
@@ -485,7 +577,19 @@ class Scheduler:
                 self._fail(job.req, f"prefill failed: {err}")
 
     def _prefill_chunk(self, job: _Prefill) -> int:
+        """Run the prompt up to its next split; with `shape_buckets`, as model calls
+        on pieces of 2^k or 3 * 2^k tokens (100 tokens: 96 + 4), all in this step."""
         end = job.splits.pop(0)
+        n = end - job.pos
+        while job.pos < end:
+            stop = end if not self.shape_buckets else job.pos + _piece(end - job.pos)
+            self._prefill_piece(job, stop)
+        self.metrics.prefill_tokens.inc(n)
+        if end in job.store and self.prefix_cache is not None:
+            self.prefix_cache.store(job.store[end], job.state)
+        return n
+
+    def _prefill_piece(self, job: _Prefill, end: int) -> None:
         tokens = torch.tensor([job.ids[job.pos : end]], dtype=torch.long, device=self.device)
         last = end == len(job.ids)
         mode = "all" if job.prompt_lps is not None else ("last" if last else "none")
@@ -499,12 +603,7 @@ class Scheduler:
                     job.prompt_lps.append(self._logprob_entry(lp[t], job.ids[i + 1], k))
         if last:
             job.logits = logits[:, -1]  # (1, v)
-        n = end - job.pos
         job.pos = end
-        self.metrics.prefill_tokens.inc(n)
-        if end in job.store and self.prefix_cache is not None:
-            self.prefix_cache.store(job.store[end], job.state)
-        return n
 
     def _start_rows(self, job: _Prefill) -> None:
         """A prompt is prefilled: sample each choice's first token, join the batch."""
@@ -526,16 +625,25 @@ class Scheduler:
         keep = [i for i, row in enumerate(rows) if not self._accept(row, toks[i], logits, i)]
         if not keep or req.cancelled:
             return
-        state = job.state.select([0] * len(keep))
+        n = len(self._rows)
+        self._state = _join_rows(self._state, n, job.state, self._bucket(n + len(keep)))
         self._rows += [rows[i] for i in keep]
-        self._state = state if self._state is None else concat_states([self._state, state])
 
     # -- decode --------------------------------------------------------------------
     def _decode(self) -> None:
         rows = self._rows
-        tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
-        logits, self._state = self.model(tokens, None, self._state, logits="last", validate=False)
-        logits = logits[:, -1]  # (b, v)
+        last = [r.last for r in rows]
+        last += [last[0]] * (self._state.batch_size - len(rows))  # pad rows
+        tokens = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
+        decode_step = getattr(self.model, "decode_step", None)  # Griffin's, maybe compiled
+        if decode_step is not None:
+            logits, self._state = decode_step(tokens[:, 0], self._state)
+        else:
+            logits, self._state = self.model(
+                tokens, None, self._state, logits="last", validate=False
+            )
+            logits = logits[:, -1]
+        logits = logits[: len(rows)]  # (b, v): the pad rows' are never sampled
         self.metrics.decode_steps.inc()
         self.metrics.batch_size.observe(len(rows))
         self.peak_rows = max(self.peak_rows, len(rows))
@@ -546,7 +654,17 @@ class Scheduler:
 
     def _remove_rows(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
-        self._state = self._state.select(keep) if keep else None
+        if not keep:
+            self._state = None
+            return
+        pad = self._bucket(len(keep)) - len(keep)
+        self._state = self._state.select(keep + [keep[-1]] * pad)
+
+    def _bucket(self, n: int) -> int:
+        """State rows for n real rows: the next power of two (at most max_batch_size)."""
+        if not self.shape_buckets or n <= 1:
+            return n
+        return min(1 << (n - 1).bit_length(), max(self.max_batch_size, n))
 
     # -- sampling ------------------------------------------------------------------
     def _mask(self, logits: Tensor) -> Tensor:
