@@ -281,3 +281,10 @@ def test_quick_run_produces_every_table(tmp_path):
         }
     md = bench.write_results_md([tmp_path], tmp_path / "RESULTS.md")
     assert "Command:" in md.read_text() and "Machine:" in md.read_text()
+    # A rewrite keeps the hand-written text around the generated part.
+    first = md.read_text()
+    md.write_text("# Summary\nhand-written\n\n" + first + "\n## Serving\nmore\n")
+    bench.write_results_md([tmp_path], md)
+    again = md.read_text()
+    assert again.startswith("# Summary\nhand-written\n") and again.endswith("## Serving\nmore\n")
+    assert again.count(bench.GENERATED_BEGIN) == 1 and again.count("Command:") == 1

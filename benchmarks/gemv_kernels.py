@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Batch-1 decode kernels on this machine: GB/s of weights streamed by one
+vector-matrix product (GEMV), per weight format and layout.
+
+Batch-1 decode reads every weight once per token, so its speed is bounded by how
+fast the matmul kernel streams weights from memory. This script measures that
+bound for the kernels rgemma uses, on the matrices of the reduced 2B shape
+(width 2560, MLP 7680, vocab 256,000), cycling through enough distinct copies
+that every call reads from DRAM, not from the CPU caches:
+
+* float32 and bfloat16 `F.linear` (nn.Linear's (out, in) layout);
+* bfloat16 `x @ W` on the official MLP layout (in, out), which rgemma no longer
+  uses for the MLP (it keeps the up projection as (2, m, d) inside);
+* weight-only int8 `torch._weight_int8pack_mm` (bfloat16 activations), the kernel
+  of `rgemma.quantize(model, "int8")`.
+
+Prints a table (GB/s of weights read, and as a share of the measured copy
+bandwidth); medians of `--repeats` calls. Example:
+
+    python benchmarks/gemv_kernels.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # name: (out, in) of the reduced-2B decode matrices
+    "MLP up (2 x 7680, 2560)": (15360, 2560),
+    "MLP down (2560, 7680)": (2560, 7680),
+    "attention q (2560, 2560)": (2560, 2560),
+    "logits head (256000, 2560)": (256000, 2560),
+}
+
+
+def stream_rate(make_weight, call, nbytes: int, repeats: int, cache_bytes: int) -> float:
+    """GB/s of weights read by `call(x, w)` cycling through distinct copies."""
+    copies = max(2, -(-cache_bytes // nbytes) + 1)  # more than the caches hold
+    weights = [make_weight() for _ in range(copies)]
+    times = []
+    for i in range(repeats + copies):
+        w = weights[i % copies]
+        t0 = time.perf_counter()
+        call(w)
+        dt = time.perf_counter() - t0
+        if i >= copies:  # the first pass warms up
+            times.append(dt)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def copy_bandwidth(mib: int = 1024) -> float:
+    src = torch.empty(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--cache-mb", type=int, default=512, help="bytes to exceed per case")
+    ap.add_argument("--skip-head", action="store_true", help="skip the 256,000-row head")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"copy bandwidth {bw:.1f} GB/s (read + write bytes / s)\n")
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        if args.skip_head and n == 256000:
+            continue
+        x32 = torch.randn(1, k)
+        x16 = x32.bfloat16()
+        cache = args.cache_mb * 2**20
+        cases = [
+            ("float32 F.linear", 4, lambda: torch.randn(n, k),
+             lambda w: F.linear(x32, w)),
+            ("bfloat16 F.linear", 2, lambda: torch.randn(n, k, dtype=torch.bfloat16),
+             lambda w: F.linear(x16, w)),
+            ("bfloat16 x @ W (in, out)", 2, lambda: torch.randn(k, n, dtype=torch.bfloat16),
+             lambda w: x16 @ w),
+        ]
+        if hasattr(torch, "_weight_int8pack_mm"):
+            scale = torch.rand(n, dtype=torch.bfloat16)
+            cases.append(
+                ("int8 _weight_int8pack_mm", 1,
+                 lambda: torch.randint(-127, 128, (n, k), dtype=torch.int8),
+                 lambda w: torch._weight_int8pack_mm(x16, w, scale))
+            )
+        for label, size, make, call in cases:
+            with torch.inference_mode():
+                rate = stream_rate(make, call, n * k * size, args.repeats, cache)
+            rows.append((name, label, n * k * size / 1e6, rate, rate / bw))
+    head = ("matrix", "kernel", "MB", "GB/s", "of copy bw")
+    widths = [max(len(str(r[i])) if i < 2 else 10 for r in rows + [head]) for i in range(5)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}.1f}  "
+              f"{r[3]:>{widths[3]}.1f}  {r[4]:>{widths[4]}.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
