@@ -259,6 +259,7 @@ ERRORS = [
     (["generate", "hi", "--model", "{model}", "--device", "nonsense"], "--device"),
     (["generate", "hi", "--model", "{model}", "--threads", "0"], "--threads"),
     (["generate", "hi", "--model", "{model}", "--device", "meta"], "--device meta"),
+    (["generate", "hi", "--model", "{model}", "--device", "xla"], "--device xla: this torch"),
     (["chat", "--model", "{model}", "--load-state", "{missing}"], "--load-state .*nope: no such"),
     (["chat", "--model", "{model}", "--load-state", "{empty}"], "--load-state .*: is a directory"),
     (["chat", "--model", "{missing}", "--save-state", "{empty}"], "--save-state .*: is a direc"),

@@ -345,3 +345,24 @@ def test_mlp_up_projection_keeps_official_layout_outside():
     bad["blocks.0.mlp_block.ffw_up.w"] = torch.zeros(2, d + 1, m)
     with pytest.raises(RuntimeError, match="ffw_up.w"):
         Griffin(cfg).load_state_dict(bad)
+
+
+def test_state_has_row_major_strides_whatever_the_call_length():
+    """The state after a prefill of any length has the strides of a decode step's
+    state (size-1 dims included), so a compiled decode step does not recompile per
+    prompt length."""
+    model = random_model(CFG)
+
+    def strides(state):
+        return [t.stride() for t in [state.next_pos, *[x for s in state.blocks for x in s]]]
+
+    with torch.no_grad():
+        _, decoded = model(torch.tensor([[3]]), state=model(torch.tensor([[2, 5]]))[1])
+        for n in (1, 4, 7, 40):
+            _, st = model(torch.randint(0, CFG.vocab_size, (1, n)))
+            assert strides(st) == strides(decoded), n
+            for t in [st.next_pos, *[x for s in st.blocks for x in s]]:
+                expect = [1]
+                for size in reversed(t.shape[1:]):
+                    expect.insert(0, expect[0] * size)
+                assert list(t.stride()) == expect, (n, t.shape, t.stride())

@@ -1527,6 +1527,10 @@ def _log_result(impl: str, rec: Mapping[str, Any], log: Callable[[str], None]) -
         if "seconds" in rec:
             extra += f"  (n={rec['seconds']['n']})"
         extra += f"  peak {rec.get('peak_rss', 0) / GiB:.2f} GiB"
+    elif status == "ok" and isinstance(rec.get("compile_s"), dict):
+        extra = "compiled in " + ", ".join(
+            f"{v:.1f} s at batch {b}" for b, v in rec["compile_s"].items()
+        )
     elif status == "ok":
         extra = ", ".join(
             f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float) and k not in ("wall_s",)

@@ -239,6 +239,11 @@ def setup_torch(args: argparse.Namespace) -> None:
             raise InputError("--device meta holds no data: choose cpu or cuda")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"--device {device}: CUDA is not available on this machine")
+        try:  # e.g. mps or xla on a build without them
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as err:
+            why = _one_line(err).split(". ")[0][:160]
+            raise InputError(f"--device {device}: this torch build cannot use it ({why})") from None
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
@@ -401,6 +406,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
     from .generation import generate, stream
 
+    compile_s0 = getattr(model.decode_step, "compile_seconds", 0.0)
     if len(prompts) == 1 and args.file is None:
         s = stream(model, tokenizer, prompts[0], chat=args.chat, **kwargs)
         for piece in s:
@@ -416,10 +422,16 @@ def run_generate(args: argparse.Namespace) -> int:
         n_prompt = sum(r.prompt_tokens for r in results)
         n_gen = sum(len(r.token_ids) + (r.stop_token_id is not None) for r in results)
         prefill_tps = n_prompt / r0.prefill_seconds if r0.prefill_seconds > 0 else float("inf")
-        decode_tps = n_gen / r0.decode_seconds if r0.decode_seconds > 0 else float("inf")
+        # Compiling the decode step (--compile) happens in the first steps: left out.
+        compile_s = getattr(model.decode_step, "compile_seconds", 0.0) - compile_s0
+        decode_s, n_timed = r0.decode_seconds, n_gen
+        if compile_s > 0:
+            decode_s, n_timed = decode_s - compile_s, n_gen - len(results)
+        decode_tps = n_timed / decode_s if decode_s > 0 else float("inf")
+        compiling = f" (compiling the decode step: {compile_s:.1f} s, left out)" if compile_s else ""
         print(
             f"prompt tokens: {n_prompt}, generated tokens: {n_gen}, "
-            f"prefill: {prefill_tps:.1f} tok/s, decode: {decode_tps:.1f} tok/s, "
+            f"prefill: {prefill_tps:.1f} tok/s, decode: {decode_tps:.1f} tok/s{compiling}, "
             f"state: {model.state_nbytes(1)} bytes per sequence (batch {len(results)})",
             file=sys.stderr,
         )

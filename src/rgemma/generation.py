@@ -143,10 +143,16 @@ class _CompiledDecodeStep:
         self.compiled = torch.compile(self.eager, mode=mode, dynamic=None)
         self.failed: str | None = None  # why compiling failed, once it has
         self.calls = 0
+        # Seconds spent in first calls at a new batch size (those that compile), so
+        # speed reports can leave compiling out.
+        self.compile_seconds = 0.0
+        self._batch_sizes: set[int] = set()
 
     def __call__(self, tokens: Tensor, state: GriffinState) -> tuple[Tensor, GriffinState]:
         if self.failed is not None:
             return self.eager(tokens, state)
+        first = tokens.shape[0] not in self._batch_sizes
+        t0 = time.perf_counter()
         try:
             out = self.compiled(tokens, state)
         except Exception as err:  # noqa: BLE001 - any compiler failure means eager
@@ -159,6 +165,9 @@ class _CompiledDecodeStep:
                 file=sys.stderr,
             )
             return self.eager(tokens, state)
+        if first:
+            self._batch_sizes.add(tokens.shape[0])
+            self.compile_seconds += time.perf_counter() - t0
         self.calls += 1
         return out
 

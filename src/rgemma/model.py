@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .config import BlockType, GriffinConfig
 from .errors import InputError
 from .scan import linear_scan
-from .state import AttentionState, GriffinState, RecurrentState, check_state, init_state
+from .state import AttentionState, GriffinState, RecurrentState, _map, check_state, init_state
 
 LogitsMode = Literal["all", "last", "none"]
 
@@ -386,6 +386,19 @@ class ResidualBlock(nn.Module):
         return x + self.mlp_block(self.channel_pre_norm(x)), state
 
 
+def _dense(t: Tensor) -> Tensor:
+    """`t` with row-major strides, size-1 dimensions included (`contiguous()` keeps
+    any stride on those, and a compiled step guards on strides)."""
+    stride, expect = t.stride(), []
+    acc = 1
+    for n in reversed(t.shape):
+        expect.append(acc)
+        acc *= n
+    if tuple(reversed(expect)) == stride:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class Griffin(nn.Module):
     """The Griffin / RecurrentGemma language model.
 
@@ -548,6 +561,10 @@ class Griffin(nn.Module):
             new_blocks.append(block_state)
         next_pos = segment_pos[:, -1] + 1 if t else state.next_pos
         new_state = GriffinState(tuple(new_blocks), next_pos.clamp(min=0))
+        # Contiguous: the state's layout must not depend on the call's length (slices of
+        # a prefill's activations would carry its strides: a compiled decode step
+        # would recompile for every prompt length). The state is small: a cheap copy.
+        new_state = _map(new_state, _dense)
 
         if logits == "none":
             return None, new_state
