@@ -9,6 +9,7 @@ bound for the kernels rgemma uses, on the matrices of the reduced 2B shape
 that every call reads from DRAM, not from the CPU caches:
 
 * float32 and bfloat16 `F.linear` (nn.Linear's (out, in) layout);
+* bfloat16 `torch.mv` on the same (out, in) layout (a different kernel);
 * bfloat16 `x @ W` on the official MLP layout (in, out), which rgemma no longer
   uses for the MLP (it keeps the up projection as (2, m, d) inside);
 * weight-only int8 `torch._weight_int8pack_mm` (bfloat16 activations), the kernel
@@ -89,6 +90,8 @@ def main() -> int:
              lambda w: F.linear(x32, w)),
             ("bfloat16 F.linear", 2, lambda: torch.randn(n, k, dtype=torch.bfloat16),
              lambda w: F.linear(x16, w)),
+            ("bfloat16 torch.mv", 2, lambda: torch.randn(n, k, dtype=torch.bfloat16),
+             lambda w: torch.mv(w, x16[0])),
             ("bfloat16 x @ W (in, out)", 2, lambda: torch.randn(k, n, dtype=torch.bfloat16),
              lambda w: x16 @ w),
         ]

@@ -366,3 +366,24 @@ def test_state_has_row_major_strides_whatever_the_call_length():
                 for size in reversed(t.shape[1:]):
                     expect.insert(0, expect[0] * size)
                 assert list(t.stride()) == expect, (n, t.shape, t.stride())
+
+
+def test_linear_single_bfloat16_row_uses_mv_and_matches_f_linear(monkeypatch):
+    """`model.linear`: one bfloat16 row goes through torch.mv (the faster GEMV kernel),
+    with F.linear's result to bfloat16 rounding; anything else is F.linear itself."""
+    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    b = torch.randn(48, dtype=torch.bfloat16)
+    calls = []
+    real_mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append(1) or real_mv(*a))
+    x1 = torch.randn(1, 1, 32, dtype=torch.bfloat16)
+    got = model_mod.linear(x1, w, b)
+    assert calls and got.shape == (1, 1, 48)
+    torch.testing.assert_close(got.float(), torch.nn.functional.linear(x1, w, b).float(),
+                               rtol=2e-2, atol=2e-2)
+    calls.clear()
+    x4 = torch.randn(2, 2, 32, dtype=torch.bfloat16)
+    assert torch.equal(model_mod.linear(x4, w, b), torch.nn.functional.linear(x4, w, b))
+    x32 = torch.randn(1, 32)
+    assert torch.equal(model_mod.linear(x32, w.float()), torch.nn.functional.linear(x32, w.float()))
+    assert not calls
