@@ -134,6 +134,22 @@ def load(
 # ----------------------------------------------------------------------------------
 # Compiled decode step
 # ----------------------------------------------------------------------------------
+def decode_step(
+    model: torch.nn.Module, tokens: Tensor, state: GriffinState
+) -> tuple[Tensor, GriffinState]:
+    """One decode step of every row: tokens (b,) -> (logits (b, vocab) float32, state).
+
+    `model.decode_step` where the model has one (a `Griffin`'s, compiled after
+    `compile_decode`); any other module with Griffin's `forward` (a wrapper) goes
+    through its forward. The generation loop and the server's scheduler both call this.
+    """
+    step = getattr(model, "decode_step", None)
+    if step is not None:
+        return step(tokens, state)
+    logits, state = model(tokens[:, None], None, state, logits="last", validate=False)
+    return logits[:, -1], state
+
+
 class _CompiledDecodeStep:
     """`model.decode_step` through `torch.compile`, falling back to eager (with one
     warning) if compiling fails, e.g. on a machine without a C++ compiler."""
@@ -574,13 +590,10 @@ class _Generation:
     def _step(
         self, tokens: Tensor, state: GriffinState, want_logits: bool
     ) -> tuple[Tensor | None, GriffinState]:
-        decode_step = getattr(self.model, "decode_step", None)  # Griffin's, maybe compiled
-        if want_logits and decode_step is not None:
-            return decode_step(tokens, state)
-        logits, state = self.model(
-            tokens[:, None], None, state, logits="last" if want_logits else "none", validate=False
-        )
-        return (logits[:, -1] if logits is not None else None), state
+        if want_logits:
+            return decode_step(self.model, tokens, state)
+        _, state = self.model(tokens[:, None], None, state, logits="none", validate=False)
+        return None, state
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         tokenizer, max_new = self.tokenizer, self.max_new_tokens

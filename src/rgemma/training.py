@@ -618,6 +618,20 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def _step_dirs(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Directories named `step_XXXXXXX` under `out_dir/checkpoints`, as (step, path),
+    oldest first, complete or not."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = CHECKPOINT_RE.match(entry.name)
+        if m and entry.is_dir():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
 def find_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under `out_dir/checkpoints`, as (step, path), oldest first.
 
@@ -625,15 +639,7 @@ def find_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     incomplete by construction); one without all its files, or with a truncated
     weights, optimizer or trainer-state file, is skipped.
     """
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        m = CHECKPOINT_RE.match(entry.name)
-        if m and entry.is_dir() and _is_complete(entry):
-            found.append((int(m.group(1)), entry))
-    return sorted(found)
+    return [(step, path) for step, path in _step_dirs(out_dir) if _is_complete(path)]
 
 
 def _is_complete(path: Path) -> bool:
@@ -678,15 +684,7 @@ def _safetensors_intact(path: Path) -> bool:
 def damaged_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     """Checkpoint directories (`step_XXXXXXX`) under `out_dir` that are incomplete
     or have a truncated file, oldest first; `find_checkpoints` skips them."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        m = CHECKPOINT_RE.match(entry.name)
-        if m and entry.is_dir() and not _is_complete(entry):
-            found.append((int(m.group(1)), entry))
-    return [p for _, p in sorted(found)]
+    return [path for _, path in _step_dirs(out_dir) if not _is_complete(path)]
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:

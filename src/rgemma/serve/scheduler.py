@@ -55,7 +55,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..generation import RowText  # the stop-string / UTF-8-safe text tracker of `generate`
+from ..generation import (
+    RowText,  # the stop-string / UTF-8-safe text tracker of `generate`
+    decode_step,
+)
 from ..sampling import mask_beyond_vocab, sample, validate_sampling
 from ..state import GriffinState
 from .metrics import Metrics
@@ -634,15 +637,8 @@ class Scheduler:
         rows = self._rows
         last = [r.last for r in rows]
         last += [last[0]] * (self._state.batch_size - len(rows))  # pad rows
-        tokens = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
-        decode_step = getattr(self.model, "decode_step", None)  # Griffin's, maybe compiled
-        if decode_step is not None:
-            logits, self._state = decode_step(tokens[:, 0], self._state)
-        else:
-            logits, self._state = self.model(
-                tokens, None, self._state, logits="last", validate=False
-            )
-            logits = logits[:, -1]
+        tokens = torch.tensor(last, dtype=torch.long, device=self.device)
+        logits, self._state = decode_step(self.model, tokens, self._state)
         logits = logits[: len(rows)]  # (b, v): the pad rows' are never sampled
         self.metrics.decode_steps.inc()
         self.metrics.batch_size.observe(len(rows))
