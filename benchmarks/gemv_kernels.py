@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Batch-1 decode kernels on this machine: GB/s of weights streamed by one
 vector-matrix product (GEMV), per weight format and layout.
 
@@ -26,9 +25,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from rgemma.cli.bench import measure_bandwidth
 
 SHAPES = {  # name: (out, in) of the reduced-2B decode matrices
     "MLP up (2 x 7680, 2560)": (15360, 2560),
@@ -38,10 +40,42 @@ SHAPES = {  # name: (out, in) of the reduced-2B decode matrices
 }
 
 
-def stream_rate(make_weight, call, nbytes: int, repeats: int, cache_bytes: int) -> float:
-    """GB/s of weights read by `call(x, w)` cycling through distinct copies."""
+def _weight(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, shape, dtype=torch.int8)
+    return torch.randn(shape, dtype=dtype)
+
+
+def kernels(n: int, k: int) -> list[tuple[str, tuple[int, int], torch.dtype, Callable]]:
+    """(label, weight shape, weight dtype, call(w)) of each kernel on an (n, k) matrix."""
+    x32 = torch.randn(1, k)
+    x16 = x32.bfloat16()
+    out = [
+        ("float32 F.linear", (n, k), torch.float32, lambda w: F.linear(x32, w)),
+        ("bfloat16 F.linear", (n, k), torch.bfloat16, lambda w: F.linear(x16, w)),
+        ("bfloat16 torch.mv", (n, k), torch.bfloat16, lambda w: torch.mv(w, x16[0])),
+        ("bfloat16 x @ W (in, out)", (k, n), torch.bfloat16, lambda w: x16 @ w),
+    ]
+    if hasattr(torch, "_weight_int8pack_mm"):
+        scale = torch.rand(n, dtype=torch.bfloat16)
+        out.append(
+            (
+                "int8 _weight_int8pack_mm",
+                (n, k),
+                torch.int8,
+                lambda w: torch._weight_int8pack_mm(x16, w, scale),
+            )
+        )
+    return out
+
+
+def stream_rate(
+    shape: tuple[int, int], dtype: torch.dtype, call: Callable, repeats: int, cache_bytes: int
+) -> float:
+    """GB/s of weights read by `call(w)` cycling through distinct random copies."""
+    nbytes = shape[0] * shape[1] * torch.empty(0, dtype=dtype).element_size()
     copies = max(2, -(-cache_bytes // nbytes) + 1)  # more than the caches hold
-    weights = [make_weight() for _ in range(copies)]
+    weights = [_weight(shape, dtype) for _ in range(copies)]
     times = []
     for i in range(repeats + copies):
         w = weights[i % copies]
@@ -51,18 +85,6 @@ def stream_rate(make_weight, call, nbytes: int, repeats: int, cache_bytes: int) 
         if i >= copies:  # the first pass warms up
             times.append(dt)
     return nbytes / statistics.median(times) / 1e9
-
-
-def copy_bandwidth(mib: int = 1024) -> float:
-    src = torch.empty(mib * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
 def main() -> int:
@@ -75,44 +97,29 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    bw = copy_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"copy bandwidth {bw:.1f} GB/s (read + write bytes / s)\n")
+    bw = statistics.median(measure_bandwidth(1024)["copy"])
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"copy bandwidth {bw:.1f} GB/s (read + write bytes / s)\n"
+    )
     rows = []
     for name, (n, k) in SHAPES.items():
         if args.skip_head and n == 256000:
             continue
-        x32 = torch.randn(1, k)
-        x16 = x32.bfloat16()
-        cache = args.cache_mb * 2**20
-        cases = [
-            ("float32 F.linear", 4, lambda: torch.randn(n, k),
-             lambda w: F.linear(x32, w)),
-            ("bfloat16 F.linear", 2, lambda: torch.randn(n, k, dtype=torch.bfloat16),
-             lambda w: F.linear(x16, w)),
-            ("bfloat16 torch.mv", 2, lambda: torch.randn(n, k, dtype=torch.bfloat16),
-             lambda w: torch.mv(w, x16[0])),
-            ("bfloat16 x @ W (in, out)", 2, lambda: torch.randn(k, n, dtype=torch.bfloat16),
-             lambda w: x16 @ w),
-        ]
-        if hasattr(torch, "_weight_int8pack_mm"):
-            scale = torch.rand(n, dtype=torch.bfloat16)
-            cases.append(
-                ("int8 _weight_int8pack_mm", 1,
-                 lambda: torch.randint(-127, 128, (n, k), dtype=torch.int8),
-                 lambda w: torch._weight_int8pack_mm(x16, w, scale))
-            )
-        for label, size, make, call in cases:
+        for label, shape, dtype, call in kernels(n, k):
             with torch.inference_mode():
-                rate = stream_rate(make, call, n * k * size, args.repeats, cache)
-            rows.append((name, label, n * k * size / 1e6, rate, rate / bw))
+                rate = stream_rate(shape, dtype, call, args.repeats, args.cache_mb * 2**20)
+            mb = shape[0] * shape[1] * torch.empty(0, dtype=dtype).element_size() / 1e6
+            rows.append((name, label, mb, rate, rate / bw))
     head = ("matrix", "kernel", "MB", "GB/s", "of copy bw")
     widths = [max(len(str(r[i])) if i < 2 else 10 for r in rows + [head]) for i in range(5)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}.1f}  "
-              f"{r[3]:>{widths[3]}.1f}  {r[4]:>{widths[4]}.2f}")
+        print(
+            f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}.1f}  "
+            f"{r[3]:>{widths[3]}.1f}  {r[4]:>{widths[4]}.2f}"
+        )
     return 0
 
 

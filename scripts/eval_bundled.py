@@ -3,9 +3,9 @@
 
 Validation documents are those `rgemma train` holds out (`configs/bundled.json`:
 SHA-256 split by document, `val_fraction` 0.01, documents of at most `doc_chars`).
-Each document is scored whole, as BOS + text + EOS, prefilled in chunks from the
-fixed-size state: cross-entropy in nats per token, perplexity, and bits per UTF-8
-byte. The baseline is a unigram model on the same tokenizer, fitted on the training
+Each document is scored whole, as BOS + text + EOS, in chunks over the fixed-size
+state (`rgemma.scoring`, the scorer of training evaluation and `rgemma eval`):
+cross-entropy in nats per token, perplexity, and bits per UTF-8 byte. The baseline is a unigram model on the same tokenizer, fitted on the training
 split (add-one smoothing).
 
 It also writes a fixed slice of the validation text, which the test suite scores
@@ -25,27 +25,12 @@ import numpy as np
 import torch
 
 import rgemma
-from rgemma.data import read_documents, split_documents
+from rgemma.data import expand_paths, read_documents, split_documents
+from rgemma.scoring import score_text, score_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 SLICE_PATH = ROOT / "tests" / "data" / "bundled_val_slice.txt"
 SLICE_CHARS = 6000
-
-
-@torch.no_grad()
-def score_text(model, tokenizer, text: str, chunk: int = 1024) -> tuple[float, int, int]:
-    """(total nats, predicted tokens, UTF-8 bytes) of BOS + text + EOS under `model`."""
-    ids = tokenizer.encode(text, add_bos=True, add_eos=True)
-    tokens = torch.tensor([ids])
-    state, total = None, 0.0
-    for start in range(0, len(ids) - 1, chunk):
-        x = tokens[:, start:start + chunk]
-        y = tokens[:, start + 1:start + chunk + 1]
-        logits, state = model(x, state=state)
-        logits = logits[:, : y.shape[1]]
-        total += float(torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), y.flatten(), reduction="sum"))
-    return total, len(ids) - 1, len(text.encode("utf-8"))
 
 
 def unigram_nats(tokenizer, train_docs, val_docs) -> tuple[float, int]:
@@ -63,7 +48,9 @@ def unigram_nats(tokenizer, train_docs, val_docs) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="model directory (default: the bundled one)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "bundled.json"))
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
@@ -73,34 +60,31 @@ def main() -> None:
     cfg = json.loads(Path(args.config).read_text())
     model, tokenizer = rgemma.load(args.model, dtype=torch.float32)
     model.eval()
-    paths = [str(p) for pattern in cfg["train_data"] for p in sorted(ROOT.glob(pattern))]
+    paths = expand_paths([str(ROOT / pattern) for pattern in cfg["train_data"]], "train_data")
     docs = read_documents(paths, doc_chars=cfg.get("doc_chars", 16000))
     train_docs, val_docs = split_documents(docs, cfg.get("val_fraction", 0.01))
 
-    total = tokens = nbytes = 0
-    for d in val_docs:
-        t, n, b = score_text(model, tokenizer, d.text)
-        total, tokens, nbytes = total + t, tokens + n, nbytes + b
+    val = sum(score_texts(model, tokenizer, [d.text for d in val_docs], progress=True))
     uni_total, uni_tokens = unigram_nats(tokenizer, train_docs, val_docs)
-    assert uni_tokens == tokens
+    assert uni_tokens == val.tokens
 
     if args.write_slice:
         SLICE_PATH.parent.mkdir(parents=True, exist_ok=True)
         SLICE_PATH.write_text(val_docs[0].text[:SLICE_CHARS], encoding="utf-8")
-    slice_total, slice_tokens, _ = score_text(model, tokenizer, SLICE_PATH.read_text("utf-8"))
+    heldout_slice = score_text(model, tokenizer, SLICE_PATH.read_text("utf-8"))
 
     out = {
         "val_documents": len(val_docs),
-        "val_tokens": tokens,
-        "val_bytes": nbytes,
-        "val_loss": total / tokens,
-        "val_ppl": math.exp(total / tokens),
-        "val_bpb": total / math.log(2) / nbytes,
+        "val_tokens": val.tokens,
+        "val_bytes": val.bytes,
+        "val_loss": val.nll_per_token,
+        "val_ppl": val.perplexity,
+        "val_bpb": val.bits_per_byte,
         "unigram_ppl": math.exp(uni_total / uni_tokens),
-        "unigram_bpb": uni_total / math.log(2) / nbytes,
+        "unigram_bpb": uni_total / math.log(2) / val.bytes,
         "slice_file": str(SLICE_PATH.relative_to(ROOT)),
-        "slice_tokens": slice_tokens,
-        "slice_ppl": math.exp(slice_total / slice_tokens),
+        "slice_tokens": heldout_slice.tokens,
+        "slice_ppl": heldout_slice.perplexity,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
     print(json.dumps(out, indent=2))

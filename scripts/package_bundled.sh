@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -f src/rgemma/assets/tokenizer.model ]; then
+if [ ! -f src/rgemma/assets/bundled/tokenizer.model ]; then
     bash scripts/train_tokenizer.sh
 fi
 if [ -z "${SKIP_TRAIN:-}" ]; then
@@ -28,7 +28,7 @@ import rgemma
 final = Path("runs/bundled/final")
 out = Path("src/rgemma/assets/bundled")
 model = rgemma.load_model(final, dtype=torch.bfloat16)   # shipped in bfloat16
-rgemma.save_model(model, out, tokenizer_path="src/rgemma/assets/tokenizer.model")
+rgemma.save_model(model, out, tokenizer_path="src/rgemma/assets/bundled/tokenizer.model")
 shutil.copy("data/LICENSES.md", out / "LICENSE-DATA.md")
 events = [json.loads(l) for l in open("runs/bundled/metrics.jsonl")]
 end = [e for e in events if e.get("event") == "end"][-1]
@@ -37,7 +37,7 @@ train_s = sum(e["elapsed_s"] for e in events if e.get("event") == "end")
     "config": "configs/bundled.json",
     "steps": end["step"],
     "tokens_seen": end["tokens_seen"],
-    "final_val_loss_packed_256": end.get("val_loss"),
+    "final_val_loss": end.get("val_loss"),  # validation documents scored whole
     "elapsed_s_all_sessions": train_s,
 }, indent=2) + "\n")
 PY

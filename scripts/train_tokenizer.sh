@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the bundled demo model's tokenizer, src/rgemma/assets/tokenizer.model:
+# Rebuild the bundled demo model's tokenizer, src/rgemma/assets/bundled/tokenizer.model:
 # SentencePiece BPE, vocab 4096, Gemma's special ids and settings (see
 # rgemma.tokenizer.train_tokenizer), trained on the training split of
 # data/corpus/*.txt only. The split (rgemma.data defaults: documents of at most
@@ -14,7 +14,7 @@ from rgemma.tokenizer import Tokenizer, train_tokenizer
 
 train, val = split_documents(read_documents("data/corpus"), val_fraction=0.01)
 path = train_tokenizer(
-    [], "src/rgemma/assets/tokenizer.model", 4096,
+    [], "src/rgemma/assets/bundled/tokenizer.model", 4096,
     texts=[d.text for d in train], num_threads=2, seed=0,
 )
 tok = Tokenizer(path)

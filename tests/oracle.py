@@ -1,5 +1,6 @@
-"""Build the peers (official `recurrentgemma.torch`, HF transformers) on the same random
-weights as an rgemma model. Test-only: the peers are oracles, never runtime deps."""
+"""Test models with random weights of a noticeable size, and the peers (official
+`recurrentgemma.torch`, via `benchmarks.peers`) built on the same weights. Test-only:
+the peers are oracles, never runtime deps."""
 
 from __future__ import annotations
 
@@ -12,43 +13,9 @@ from rgemma.config import GriffinConfig
 from rgemma.model import Griffin
 
 
-def official_module():
-    warnings.filterwarnings("ignore")
-    return pytest.importorskip("recurrentgemma.torch", reason="official recurrentgemma not installed")
-
-
-def official_config(cfg: GriffinConfig):
-    official_module()
-    from rgemma.bench import official_config as convert
-
-    return convert(cfg)
-
-
-def random_official(cfg: GriffinConfig, seed: int = 0, std: float = 0.3):
-    """An official `recurrentgemma.torch.Griffin` with random weights (all params
-    random, norms and biases included, so every parameter matters)."""
-    rg = official_module()
-    torch.manual_seed(seed)
-    model = rg.Griffin(official_config(cfg))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("a_param"):
-                p.uniform_(-2.0, 3.0)
-            else:
-                p.normal_(0.0, std)
-    return model.eval()
-
-
-def random_pair(cfg: GriffinConfig, seed: int = 0):
-    """(official model, rgemma model) with identical random weights."""
-    official = random_official(cfg, seed)
-    ours = Griffin(cfg)
-    ours.load_state_dict(official.state_dict(), strict=True)
-    return official, ours.eval()
-
-
 def random_model(cfg: GriffinConfig, seed: int = 0, std: float = 0.3) -> Griffin:
-    """An rgemma model with random weights of a noticeable size (no official needed)."""
+    """An rgemma model whose every parameter (norms and biases included, so every
+    parameter matters) is N(0, std), and the RG-LRU `a_param` U(-2, 3)."""
     torch.manual_seed(seed)
     model = Griffin(cfg)
     with torch.no_grad():
@@ -58,3 +25,26 @@ def random_model(cfg: GriffinConfig, seed: int = 0, std: float = 0.3) -> Griffin
             else:
                 p.normal_(0.0, std)
     return model.eval()
+
+
+def official_model(model: Griffin):
+    """The official `recurrentgemma.torch.Griffin` with a copy of `model`'s weights
+    (skips the test when the official package is not installed)."""
+    warnings.filterwarnings("ignore")
+    pytest.importorskip("recurrentgemma.torch", reason="official recurrentgemma not installed")
+    from benchmarks.peers import official_model as build
+
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return build(model.config, weights)
+
+
+def random_official(cfg: GriffinConfig, seed: int = 0, std: float = 0.3):
+    """An official `recurrentgemma.torch.Griffin` with the weights of
+    `random_model(cfg, seed, std)`."""
+    return official_model(random_model(cfg, seed, std))
+
+
+def random_pair(cfg: GriffinConfig, seed: int = 0):
+    """(official model, rgemma model) with identical random weights."""
+    ours = random_model(cfg, seed)
+    return official_model(ours), ours

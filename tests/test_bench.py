@@ -1,9 +1,10 @@
-"""`rgemma.bench`: functional checks only (no timing is asserted).
+"""The benchmark harness (`benchmarks/`) and `rgemma bench`: functional checks only
+(no timing is asserted).
 
 The memory pre-check refuses shapes that cannot fit before allocating; the machine
 measurement returns positive numbers; a tiny run produces every table; failures of
 a worker are recorded, not fatal; the synthetic decode states have the shapes
-prefill leaves.
+prefill leaves; `rgemma bench` derives its throughput and GB/s from its timings.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ import json
 import pytest
 import torch
 
-from rgemma import bench
-from rgemma.bench import (
+from benchmarks import adapters, harness, machine, peers, report, run_all
+from benchmarks.harness import BenchOptions, run_benchmarks
+from benchmarks.machine import (
     BenchMemoryError,
-    BenchOptions,
-    GemmaShape,
     GiB,
     check_memory,
     estimate_memory,
-    format_table,
     measure_machine,
-    run_benchmarks,
-    run_worker,
 )
+from benchmarks.peers import GemmaShape
+from benchmarks.report import format_table
+from benchmarks.worker import run_worker
 from rgemma.config import GriffinConfig
 from rgemma.errors import RgemmaError
 
@@ -64,8 +64,8 @@ def test_cli_refuses_before_allocating(tmp_path, capsys, monkeypatch):
 
     # Refused from the config alone: no model is built, no worker is started.
     monkeypatch.setattr("rgemma.model.Griffin.__init__", must_not_build)
-    monkeypatch.setattr(bench, "run_worker", must_not_build)
-    rc = bench.main(
+    monkeypatch.setattr(harness, "run_worker", must_not_build)
+    rc = run_all.main(
         [
             "--preset",
             "recurrentgemma-9b",
@@ -97,8 +97,8 @@ def test_estimates_follow_each_implementation():
     g = GemmaShape()
     assert act("gemma", 32768, "decode", g) > 7 * act("gemma", 4096, "decode", g)
     assert act("rgemma", 32768, "decode") == act("rgemma", 4096, "decode")
-    int8 = bench.weight_bytes(cfg, "float32", "rgemma-int8")
-    assert 0.25 < int8 / bench.weight_bytes(cfg, "float32", "rgemma") < 0.3
+    int8 = machine.weight_bytes(cfg, "float32", "rgemma-int8")
+    assert 0.25 < int8 / machine.weight_bytes(cfg, "float32", "rgemma") < 0.3
 
 
 # ----------------------------------------------------------------------------------
@@ -122,11 +122,11 @@ def test_measure_machine_returns_positive_numbers():
 
 
 def test_summarize_integrate_and_table():
-    s = bench.summarize([3.0, 1.0, 2.0])
+    s = machine.summarize([3.0, 1.0, 2.0])
     assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
     # Constant step time: N steps cost N times it; a linear ramp integrates exactly.
-    assert bench._integrate_steps([(100, 0.5)], 100, 10) == pytest.approx(5.0)
-    assert bench._integrate_steps([(0, 1.0), (100, 2.0)], 0, 100) == pytest.approx(150.0)
+    assert report.integrate_steps([(100, 0.5)], 100, 10) == pytest.approx(5.0)
+    assert report.integrate_steps([(0, 1.0), (100, 2.0)], 0, 100) == pytest.approx(150.0)
     text = format_table(["impl", "tok/s"], [["a", 1234.5], ["bb", None]], "T")
     lines = text.splitlines()
     assert lines[0] == "T" and lines[1].startswith("impl") and "1,234" in lines[3]
@@ -137,9 +137,9 @@ def test_summarize_integrate_and_table():
 # Synthetic decode states have the shapes a real prefill leaves
 # ----------------------------------------------------------------------------------
 def _shapes(ad):
-    if isinstance(ad, bench.RgemmaAdapter):
+    if isinstance(ad, adapters.RgemmaAdapter):
         return [tuple(t.shape) for b in ad.state.blocks for t in b] + [tuple(ad.state.next_pos)]
-    if isinstance(ad, bench.OfficialAdapter):
+    if isinstance(ad, adapters.OfficialAdapter):
         return [tuple(t.shape) for c in ad.cache.values() for t in c] + [tuple(ad.pos.tolist())]
     return [
         tuple(layer.keys.shape)
@@ -159,7 +159,7 @@ def test_synthetic_state_matches_prefill(impl):
         if impl == "gemma"
         else {"kind": "random", "config": TINY.to_dict(), "seed": 0}
     )
-    ad = bench.build_adapter(impl, spec, "float32")
+    ad = adapters.build_adapter(impl, spec, "float32")
     position = 40  # beyond the window (16)
     with torch.inference_mode():
         ad.start_decode(2, position, "prefill")
@@ -177,8 +177,8 @@ def test_identical_random_weights_give_the_same_logits():
     spec = {"kind": "random", "config": TINY.to_dict(), "seed": 3}
     tokens = torch.randint(0, TINY.vocab_size, (1, 12))
     with torch.inference_mode():
-        ours = bench.build_adapter("rgemma", spec, "float32")
-        official = bench.build_adapter("official", spec, "float32")
+        ours = adapters.build_adapter("rgemma", spec, "float32")
+        official = adapters.build_adapter("official", spec, "float32")
         pos = torch.arange(12)[None]
         ref = official.model(tokens, pos)[0]
         torch.testing.assert_close(ours.logits(tokens), ref, rtol=1e-4, atol=1e-4)
@@ -280,19 +280,60 @@ def test_quick_run_produces_every_table(tmp_path):
     text = (tmp_path / "tables.txt").read_text()
     for title in ("1. Prefill", "2. Decode", "2b. Sampling", "3. Decode efficiency", "4. int8"):
         assert title in text
-    if bench._have_peer("matplotlib"):
+    if harness._have_peer("matplotlib"):
         assert {p.name for p in tmp_path.glob("*.png")} >= {
             "prefill.png",
             "decode.png",
             "sampling.png",
             "efficiency.png",
         }
-    md = bench.write_results_md([tmp_path], tmp_path / "RESULTS.md")
+    md = report.write_results_md([tmp_path], tmp_path / "RESULTS.md")
     assert "Command:" in md.read_text() and "Machine:" in md.read_text()
     # A rewrite keeps the hand-written text around the generated part.
     first = md.read_text()
     md.write_text("# Summary\nhand-written\n\n" + first + "\n## Serving\nmore\n")
-    bench.write_results_md([tmp_path], md)
+    report.write_results_md([tmp_path], md)
     again = md.read_text()
     assert again.startswith("# Summary\nhand-written\n") and again.endswith("## Serving\nmore\n")
-    assert again.count(bench.GENERATED_BEGIN) == 1 and again.count("Command:") == 1
+    assert again.count(report.GENERATED_BEGIN) == 1 and again.count("Command:") == 1
+
+
+# ----------------------------------------------------------------------------------
+# `rgemma bench`: rgemma alone, inside the package
+# ----------------------------------------------------------------------------------
+def test_rgemma_bench_derives_throughput_and_gbs_from_its_timings(capsys):
+    from rgemma.cli import bench as cli_bench
+    from rgemma.cli import main
+
+    model = peers.random_griffin(TINY, "float32", seed=0)
+    rows = cli_bench.measure(model, prompt_length=16, batch_sizes=(1, 3), steps=2, repeats=1)
+    assert [(r["phase"], r["batch"]) for r in rows] == [
+        ("prefill", 1),
+        ("decode", 1),
+        ("decode", 3),
+    ]
+    assert rows[0]["tokens_per_s"] == pytest.approx(16 / rows[0]["seconds"])
+    # Bytes read per decode step: every weight once (the tied embedding once) + the state.
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert cli_bench.weight_nbytes(model) == weights == TINY.num_parameters() * 4
+    for r in rows[1:]:
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["seconds"])
+        assert r["bytes_per_step"] == weights + model.state_nbytes(r["batch"])
+        assert r["gbs"] == pytest.approx(r["bytes_per_step"] / r["seconds"] / 1e9)
+    bw = cli_bench.measure_bandwidth(8, repeats=2)
+    assert len(bw["copy"]) == len(bw["read"]) == 2 and min(bw["copy"] + bw["read"]) > 0
+
+    argv = ["bench", "--preset", "test-small", "--prompt-length", "16", "--steps", "2"]
+    argv += ["--batch-sizes", "1,2", "--repeats", "1", "--bandwidth-mib", "8", "--threads", "1"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["phase", "batch", "tokens/s", "ms/step", "GB/s", "of", "bandwidth"]
+    assert lines[1].split()[:3] == ["prefill", "16", "1"]
+    assert [line.split()[:2] for line in lines[2:]] == [["decode", "1"], ["decode", "2"]]
+    assert all(line.endswith("%") for line in lines[2:])
+    assert "test-small" in err and "python benchmarks/run_all.py" in err
+    assert main(argv + ["--model", "somewhere"]) == 2
+    assert "either --model or --preset" in capsys.readouterr().err
+    assert main(["bench", "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "rgemma: error: --steps must be >= 1, got 0\n"

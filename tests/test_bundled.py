@@ -2,7 +2,6 @@
 slice no worse than the figures written by scripts/eval_bundled.py (and the README)."""
 
 import json
-import math
 from importlib import resources
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import rgemma
+from rgemma.scoring import score_text
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = resources.files("rgemma") / "assets" / "bundled"
@@ -30,17 +30,15 @@ def test_bundled_config_is_the_repo_config(bundled):
     assert model.source["bundled"] is True
 
 
-@torch.no_grad()
 def test_heldout_slice_perplexity_matches_reported(bundled):
     model, tokenizer, figures = bundled
     text = (ROOT / figures["slice_file"]).read_text(encoding="utf-8")
-    ids = tokenizer.encode(text, add_bos=True, add_eos=True)
-    assert len(ids) - 1 == figures["slice_tokens"]
-    tokens = torch.tensor([ids])
-    logits, _ = model(tokens[:, :-1])
-    nats = torch.nn.functional.cross_entropy(logits[0], tokens[0, 1:], reduction="mean")
-    ppl = math.exp(float(nats))
-    assert ppl <= figures["slice_ppl"] * 1.02
+    score = score_text(model, tokenizer, text)  # the scorer of scripts/eval_bundled.py
+    assert score.tokens == figures["slice_tokens"]
+    assert score.bytes == len(text.encode("utf-8"))
+    # No worse than reported (and no better: the figures are of this very model).
+    assert score.perplexity <= figures["slice_ppl"] * 1.02
+    assert score.perplexity == pytest.approx(figures["slice_ppl"], rel=0.02)
     # Clearly better than a unigram model on the same tokenizer, and as in the README.
     assert figures["val_ppl"] < 0.5 * figures["unigram_ppl"]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -49,8 +47,9 @@ def test_heldout_slice_perplexity_matches_reported(bundled):
 
 def test_bundled_generates_readable_text(bundled):
     model, tokenizer, _ = bundled
-    [result] = rgemma.generate(model, tokenizer, ["It is a truth universally acknowledged"],
-                               max_new_tokens=24)
+    [result] = rgemma.generate(
+        model, tokenizer, ["It is a truth universally acknowledged"], max_new_tokens=24
+    )
     words = result.text.split()
     assert len(words) >= 5
     # Mostly dictionary-like words: letters with punctuation, not byte soup.

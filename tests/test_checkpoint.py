@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,12 +110,17 @@ def hf_dir(hf_model, tmp_path_factory) -> str:
 # ----------------------------------------------------------------------------------
 def test_official_pt_gives_official_logits(official, official_pt):
     model = ck.load_model(official_pt, config=CFG)
-    assert model.source == {"format": "official", "path": official_pt, "tokenizer": None,
-                            "bundled": False}
+    assert model.source == {
+        "format": "official",
+        "path": official_pt,
+        "tokenizer": None,
+        "bundled": False,
+    }
     assert model.config == CFG
     tokens = _tokens()
-    torch.testing.assert_close(_logits(model, tokens), _official_logits(official, tokens),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        _logits(model, tokens), _official_logits(official, tokens), atol=1e-4, rtol=0
+    )
 
 
 def test_kaggle_wrapped_pt_in_directory_with_tokenizer(official, tmp_path):
@@ -129,7 +135,8 @@ def test_kaggle_wrapped_pt_in_directory_with_tokenizer(official, tmp_path):
 
 def test_config_inferred_from_shapes(official, official_pt):
     inferred = GriffinConfig.from_state_dict(
-        official.state_dict(), attention_window_size=W,
+        official.state_dict(),
+        attention_window_size=W,
         embeddings_scale_by_sqrt_dim=CFG.embeddings_scale_by_sqrt_dim,
         logits_soft_cap=CFG.logits_soft_cap,
     )
@@ -138,8 +145,9 @@ def test_config_inferred_from_shapes(official, official_pt):
     assert ck.load_model(official_pt).config == dataclasses.replace(CFG, attention_window_size=2048)
 
 
-@pytest.mark.parametrize("field,value", [("mlp_expanded_width", 64), ("lru_width", 64),
-                                          ("num_heads", 4)])
+@pytest.mark.parametrize(
+    "field,value", [("mlp_expanded_width", 64), ("lru_width", 64), ("num_heads", 4)]
+)
 def test_declared_config_mismatch_names_field(official_pt, field, value):
     declared = dataclasses.replace(CFG, **{field: value})
     with pytest.raises(ConfigError, match=field):
@@ -154,8 +162,9 @@ def test_hf_save_pretrained_gives_hf_logits_within_window(hf_model, hf_dir):
     assert model.source["format"] == "hf"
     assert model.config == CFG
     tokens = _tokens(t=W)  # HF (W keys) and official (W + 1 keys) agree up to W tokens
-    torch.testing.assert_close(_logits(model, tokens), _hf_logits(hf_model, tokens),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        _logits(model, tokens), _hf_logits(hf_model, tokens), atol=1e-4, rtol=0
+    )
 
 
 def test_hf_with_window_plus_one_matches_beyond_window(tmp_path):
@@ -167,8 +176,9 @@ def test_hf_with_window_plus_one_matches_beyond_window(tmp_path):
     ours = Griffin(CFG, device="meta")
     ours.load_state_dict(loaded.state_dict(), assign=True)
     tokens = _tokens()
-    torch.testing.assert_close(_logits(ours.eval(), tokens), _hf_logits(hf_model, tokens),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        _logits(ours.eval(), tokens), _hf_logits(hf_model, tokens), atol=1e-4, rtol=0
+    )
 
 
 def test_hf_sharded_with_index(hf_model, hf_dir, tmp_path):
@@ -197,8 +207,9 @@ def test_official_and_hf_formats_of_same_weights(official, official_pt, tmp_path
 
     hf_model = transformers.RecurrentGemmaForCausalLM.from_pretrained(hf_path).eval()
     short = tokens[:, :W]
-    torch.testing.assert_close(_hf_logits(hf_model, short), _official_logits(official, short),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        _hf_logits(hf_model, short), _official_logits(official, short), atol=1e-4, rtol=0
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -232,8 +243,9 @@ def test_key_map_errors(official):
     with pytest.raises(CheckpointError, match="model.layers.1.temporal_block.bogus"):
         ck.hf_to_official({**hf_sd, "model.layers.1.temporal_block.bogus": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="model.layers.7.channel_pre_norm.weight"):
-        ck.hf_to_official({**hf_sd, "model.layers.7.channel_pre_norm.weight": torch.zeros(32)},
-                          CFG.num_layers)
+        ck.hf_to_official(
+            {**hf_sd, "model.layers.7.channel_pre_norm.weight": torch.zeros(32)}, CFG.num_layers
+        )
     no_up = {k: v for k, v in hf_sd.items() if k != "model.layers.2.mlp_block.up_proj.weight"}
     with pytest.raises(CheckpointError, match="model.layers.2.mlp_block.up_proj.weight"):
         ck.hf_to_official(no_up)
@@ -249,13 +261,25 @@ def test_key_map_errors(official):
 HF_2B_CONFIG_JSON = {
     "_block_types": ["recurrent", "recurrent", "attention"],
     "architectures": ["RecurrentGemmaForCausalLM"],
-    "attention_bias": False, "attention_dropout": 0.0, "attention_window_size": 2048,
-    "conv1d_width": 4, "embeddings_scale_by_sqrt_dim": True, "head_dim": 256,
-    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2560,
-    "intermediate_size": 15360, "logits_soft_cap": 30.0, "lru_width": 2560,
-    "model_type": "recurrent_gemma", "num_attention_heads": 10, "num_hidden_layers": 26,
-    "num_key_value_heads": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
-    "rope_theta": 10000.0, "vocab_size": 256000,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attention_window_size": 2048,
+    "conv1d_width": 4,
+    "embeddings_scale_by_sqrt_dim": True,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2560,
+    "intermediate_size": 15360,
+    "logits_soft_cap": 30.0,
+    "lru_width": 2560,
+    "model_type": "recurrent_gemma",
+    "num_attention_heads": 10,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "vocab_size": 256000,
 }
 
 
@@ -271,20 +295,21 @@ def test_hf_config_mapping():
     assert ck.hf_config_to_griffin(hf_cfg.to_dict()) == CFG
     assert ck.hf_config_to_griffin(hf_cfg) == CFG
 
-    bad = [({"partial_rotary_factor": 1.0}, "partial_rotary_factor"),
-           ({"num_key_value_heads": 10}, "num_key_value_heads"),
-           ({"intermediate_size": 15361}, "intermediate_size"),
-           ({"model_type": "gemma"}, "model_type"),
-           ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
-           ({"hidden_size": None}, "hidden_size")]
+    bad = [
+        ({"partial_rotary_factor": 1.0}, "partial_rotary_factor"),
+        ({"num_key_value_heads": 10}, "num_key_value_heads"),
+        ({"intermediate_size": 15361}, "intermediate_size"),
+        ({"model_type": "gemma"}, "model_type"),
+        ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+        ({"hidden_size": None}, "hidden_size"),
+    ]
     for change, field in bad:
         with pytest.raises(ConfigError, match=field):
             ck.hf_config_to_griffin({**HF_2B_CONFIG_JSON, **change})
 
 
 def test_preset_parameter_counts():
-    for name, count in [("recurrentgemma-2b", 2_682_862_080),
-                        ("recurrentgemma-9b", 8_579_977_216)]:
+    for name, count in [("recurrentgemma-2b", 2_682_862_080), ("recurrentgemma-9b", 8_579_977_216)]:
         cfg = GriffinConfig.preset(name)
         model = Griffin(cfg, device="meta", dtype=torch.bfloat16)
         assert sum(p.numel() for p in model.parameters()) == count, name
@@ -301,14 +326,17 @@ def test_rgemma_round_trip_is_exact(official_pt, tmp_path):
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"spm")
     out = ck.save_model(model, tmp_path / "rg", tokenizer_path=tok)
-    assert sorted(os.listdir(out)) == ["model.safetensors", "rgemma_config.json",
-                                       "tokenizer.model"]
+    assert sorted(os.listdir(out)) == ["model.safetensors", "rgemma_config.json", "tokenizer.model"]
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(model.state_dict())  # the tied embedding once
     loaded = ck.load_model(out)
     assert loaded.config == CFG
-    assert loaded.source == {"format": "rgemma", "path": str(out),
-                             "tokenizer": str(out / "tokenizer.model"), "bundled": False}
+    assert loaded.source == {
+        "format": "rgemma",
+        "path": str(out),
+        "tokenizer": str(out / "tokenizer.model"),
+        "bundled": False,
+    }
     for name, p in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
     tokens = _tokens()
@@ -341,7 +369,8 @@ def test_meta_loading_no_random_init_and_dtype(official_pt, hf_dir, tmp_path, mo
     model = ck.load_model(tmp_path / "bf16.pt", config=CFG)
     assert {t.dtype for t in model.parameters()} == {torch.bfloat16}
     assert ck.load_model(official_pt, dtype="float64").embedder.input_embedding.dtype == (
-        torch.float64)
+        torch.float64
+    )
 
 
 def test_loaded_weights_do_not_depend_on_the_file(official_pt, tmp_path):
@@ -400,7 +429,7 @@ def test_wrong_shape_hf(hf_dir, tmp_path):
 
 
 def test_truncated_files(official_pt, hf_dir, tmp_path):
-    data = open(official_pt, "rb").read()
+    data = Path(official_pt).read_bytes()
     half = tmp_path / "half.pt"
     half.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="half.pt"):

@@ -86,7 +86,9 @@ def test_generate_quantize_and_compile_options(capsys, monkeypatch, model_dir):
     rc, out, err = run(capsys, argv + ["--quantize", "int8", "--compile"])
     assert rc == 0 and err == ""
     assert len(compiled) == 1 and compiled[0].__name__ == "decode_step"
-    expected = generate(quantize(copy.deepcopy(tiny_model())), tokenizer(), "Hello world", max_new_tokens=10)
+    expected = generate(
+        quantize(copy.deepcopy(tiny_model())), tokenizer(), "Hello world", max_new_tokens=10
+    )
     assert out == expected[0].text + "\n"
 
 
@@ -274,13 +276,13 @@ def test_errors_are_one_line(capsys, model_dir, mismatched_dir, tmp_path, argv, 
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "prompts.txt").write_text("\n  \n")
-    paths = dict(
-        missing=str(tmp_path / "nope"),
-        empty=str(tmp_path / "empty"),
-        mismatch=mismatched_dir,
-        model=model_dir,
-        emptyfile=str(tmp_path / "prompts.txt"),
-    )
+    paths = {
+        "missing": str(tmp_path / "nope"),
+        "empty": str(tmp_path / "empty"),
+        "mismatch": mismatched_dir,
+        "model": model_dir,
+        "emptyfile": str(tmp_path / "prompts.txt"),
+    }
     argv = [a.format(**paths) for a in argv]
     rc, _, err = run(capsys, argv)
     assert rc == 2
@@ -341,6 +343,20 @@ def test_usage_errors(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "examples:" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    from rgemma.cli import COMMANDS
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name, command in COMMANDS.items():
+        assert f"{name} {command.help}" in out
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate", "--model", "x"])
+    assert e.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------

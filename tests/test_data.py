@@ -14,6 +14,7 @@ from rgemma.data import (
     PackedDataset,
     TokenizedDocument,
     build_datasets,
+    expand_paths,
     is_validation,
     read_documents,
     split_documents,
@@ -292,3 +293,30 @@ def test_build_datasets(tmp_path: Path, tok: Tokenizer) -> None:
     assert b.tokens.shape == (2, 64) and b.tokens.max() < tok.vocab_size
     assert train.num_tokens + val.num_tokens > 0
     assert sum(1 for _ in val) == len(val)
+
+
+def test_build_datasets_with_validation_files_and_globs(tmp_path: Path, tok: Tokenizer) -> None:
+    para = "The quick brown fox jumps over the lazy dog. " * 5
+    for name in ("a.txt", "b.txt"):
+        _write(tmp_path / "corpus" / name, "\n\n".join([para] * 20))
+    _write(tmp_path / "held" / "v.txt", "A held-out line of text.\n\nAnd another one.")
+    train, val = build_datasets(
+        str(tmp_path / "corpus" / "*.txt"),
+        tok,
+        seq_len=32,
+        batch_size=2,
+        val_paths=[tmp_path / "held" / "v.txt"],
+        doc_chars=None,
+    )
+    # Every training document trains; the validation file is the validation set.
+    assert len(train.docs) == 2 and val is not None and len(val.docs) == 1
+    expect = tok.encode("A held-out line of text.\n\nAnd another one.", add_bos=True, add_eos=True)
+    assert val.docs[0].tokens.tolist() == expect
+    assert expand_paths([str(tmp_path / "corpus" / "*.txt")]) == [
+        str(tmp_path / "corpus" / "a.txt"),
+        str(tmp_path / "corpus" / "b.txt"),
+    ]
+    with pytest.raises(InputError, match=r"val_data pattern .*\*\.md' matches no file"):
+        build_datasets(tmp_path / "corpus", tok, 32, 2, val_paths=[str(tmp_path / "*.md")])
+    _, none = build_datasets(tmp_path / "corpus", tok, 32, 2, val_fraction=0.0)
+    assert none is None

@@ -10,19 +10,20 @@ import torch
 from conftest_gen import ScriptedModel, tiny_config, tiny_model, tokenizer
 from oracle import random_model
 
+from rgemma.engine import CompiledDecodeStep, Row, RowEngine
 from rgemma.errors import CheckpointError, InputError
 from rgemma.generation import (
     ChatSession,
-    compile_decode,
     GenerationResult,
     check_vocab,
+    compile_decode,
     generate,
     prefill,
     prompt_state,
     stream,
 )
-from rgemma.sampling import min_p_filter, sample, top_k_filter, top_p_filter
-from rgemma.state import load_state, save_state
+from rgemma.sampling import SamplingParams, min_p_filter, sample, top_k_filter, top_p_filter
+from rgemma.state import concat_states, load_state, save_state
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +90,12 @@ def test_sample_distribution_and_greedy():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(temperature=-0.5), "temperature"),
-        (dict(top_k=-1), "top_k"),
-        (dict(top_p=0.0), "top_p"),
-        (dict(top_p=1.5), "top_p"),
-        (dict(min_p=-0.1), "min_p"),
-        (dict(min_p=1.1), "min_p"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.1}, "min_p"),
     ],
 )
 def test_sample_bad_params(kwargs, name):
@@ -241,7 +242,7 @@ def test_stream_multibyte(model, tok):
 
 def test_stream_equals_generate_real_model(model, tok):
     for prompt in ("Hello", random_ids(12, 41)):
-        for kw in (dict(), dict(temperature=1.0, seed=5), dict(stop=["e", "th"])):
+        for kw in ({}, {"temperature": 1.0, "seed": 5}, {"stop": ["e", "th"]}):
             pieces = list(stream(model, tok, prompt, max_new_tokens=20, **kw))
             assert (
                 "".join(pieces) == generate(model, tok, [prompt], max_new_tokens=20, **kw)[0].text
@@ -253,7 +254,7 @@ def test_stream_equals_generate_real_model(model, tok):
 # ----------------------------------------------------------------------------------
 def test_seeded_sampling(model, tok):
     prompts = [random_ids(6, 50), random_ids(2, 51)]
-    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, min_p=0.01)
+    kw = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "min_p": 0.01}
     a = generate(model, tok, prompts, seed=7, **kw)
     b = generate(model, tok, prompts, seed=7, **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
@@ -372,16 +373,16 @@ def test_saved_prompt_state_equals_reprocessing(model, tok, tmp_path):
     "prompts, kwargs, pattern",
     [
         ([], {}, "empty"),
-        (["hi"], dict(max_new_tokens=-1), "max_new_tokens.*-1"),
-        (["hi"], dict(max_new_tokens=2.5), "max_new_tokens"),
-        (["hi"], dict(temperature=-1.0), "temperature.*-1"),
-        (["hi"], dict(top_p=0.0), "top_p.*0"),
-        (["hi"], dict(top_p=1.5), "top_p.*1.5"),
-        (["hi"], dict(top_k=-2), "top_k.*-2"),
-        (["hi"], dict(min_p=1.5), "min_p.*1.5"),
-        (["hi"], dict(stop=[""]), "stop"),
-        (["hi"], dict(seed="x"), "seed"),
-        (["hi"], dict(chunk_size=0), "chunk_size"),
+        (["hi"], {"max_new_tokens": -1}, "max_new_tokens.*-1"),
+        (["hi"], {"max_new_tokens": 2.5}, "max_new_tokens"),
+        (["hi"], {"temperature": -1.0}, "temperature.*-1"),
+        (["hi"], {"top_p": 0.0}, "top_p.*0"),
+        (["hi"], {"top_p": 1.5}, "top_p.*1.5"),
+        (["hi"], {"top_k": -2}, "top_k.*-2"),
+        (["hi"], {"min_p": 1.5}, "min_p.*1.5"),
+        (["hi"], {"stop": [""]}, "stop"),
+        (["hi"], {"seed": "x"}, "seed"),
+        (["hi"], {"chunk_size": 0}, "chunk_size"),
         ([[2, 400]], {}, "400"),
         ([[]], {}, "no tokens"),
         ([3.5], {}, "prompts\\[0\\]"),
@@ -470,3 +471,165 @@ def test_compile_failure_falls_back_to_eager(tok, monkeypatch, capsys):
     assert model.decode_step.failed.startswith("RuntimeError")
     with pytest.raises(InputError, match="compile_decode expects"):
         compile_decode(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------
+# One SamplingParams, one row engine
+# ----------------------------------------------------------------------------------
+def test_sampling_params_object_equals_keyword_sugar(model, tok):
+    prompts = [random_ids(6, 90), random_ids(3, 91)]
+    params = SamplingParams(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=4, stop=("zz",))
+    by_object = generate(model, tok, prompts, sampling=params)
+    by_keywords = generate(
+        model, tok, prompts, max_new_tokens=9, temperature=0.8, top_p=0.9, seed=4, stop="zz"
+    )
+    assert [r.token_ids for r in by_object] == [r.token_ids for r in by_keywords]
+    assert all(len(r.token_ids) == 9 or r.finish_reason == "stop" for r in by_object)
+    # Keywords override the object's fields; the object itself is unchanged.
+    short = generate(model, tok, prompts, sampling=params, max_new_tokens=4)
+    assert [r.token_ids for r in short] == [r.token_ids[:4] for r in by_object]
+    assert params.max_new_tokens == 9
+    assert "".join(stream(model, tok, prompts[0], sampling=params)) == by_object[0].text
+    with pytest.raises(InputError, match="unknown sampling option.*temprature"):
+        generate(model, tok, prompts, temprature=0.5)
+    with pytest.raises(InputError, match="prompt_logprobs"):
+        generate(model, tok, prompts, prompt_logprobs=True)
+
+
+def test_sampling_params_checks_and_merges():
+    p = SamplingParams.make(None, max_new_tokens=3, stop="\n")
+    assert p.max_new_tokens == 3 and p.stop == ("\n",) and p.greedy
+    q = SamplingParams.make(p, temperature=0.5, top_k=1)
+    assert q.greedy and q.max_new_tokens == 3 and q.sampler_key == ("greedy",)
+    r = q.replace(top_k=5)
+    assert not r.greedy and r.sampler_key == (0.5, 5, 1.0, 0.0)
+    assert SamplingParams.make({"seed": 2}, top_p=0.5) == SamplingParams(seed=2, top_p=0.5)
+    for kwargs, name in [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"seed": 1.5}, "seed"),
+        ({"stop": 3}, "stop"),
+        ({"logprobs": -2}, "logprobs"),
+        ({"temperature": float("nan")}, "temperature"),
+    ]:
+        with pytest.raises(InputError, match=name):
+            SamplingParams(**kwargs)
+
+
+def test_generate_logprobs_are_the_model_log_softmax(model, tok):
+    ids = random_ids(5, 30)  # 16 greedy tokens without EOS (test_stop_string_real_model)
+    r = generate(model, tok, [ids], max_new_tokens=5, logprobs=2)[0]
+    assert len(r.logprobs) == len(r.token_ids) == 5
+    full = ids + r.token_ids
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([full]))[0][0], dim=-1)  # (t, v)
+    for i, entry in enumerate(r.logprobs):
+        pos = len(ids) - 1 + i  # logits at pos predict full[pos + 1]
+        assert entry.token_id == r.token_ids[i]
+        assert entry.logprob == pytest.approx(lp[pos, entry.token_id].item(), abs=1e-4)
+        assert [t for t, _ in entry.top] == torch.topk(lp[pos], 2).indices.tolist()
+        assert entry.logprob == pytest.approx(entry.top[0][1], abs=1e-6)  # greedy = best
+    assert generate(model, tok, [ids], max_new_tokens=2)[0].logprobs is None
+
+
+def test_chat_session_holds_one_sampling_params_and_turn_k_uses_seed_plus_k(model, tok):
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=11)
+    chat = ChatSession(model, tok, sampling=params)
+    assert chat.sampling is params
+    first = chat.turn_ids("Hello")
+    assert chat.send("Hello") == generate(model, tok, [first], sampling=params)[0].text
+    before = chat.state
+    second = chat.turn_ids("Again")
+    want = generate(model, tok, [second], sampling=params.replace(seed=12), state=before)[0]
+    assert chat.send("Again") == want.text
+    with pytest.raises(InputError, match="unknown sampling option"):
+        ChatSession(model, tok, max_tokens=5)
+
+
+def test_engine_decode_step_makes_one_host_sync(model, tok, monkeypatch):
+    """A decode step in which no row leaves reads the sampled ids back once (one
+    `.tolist()`) and copies nothing from the host: the ids fed next stay on the
+    device."""
+    prompts = [random_ids(5, 93), random_ids(9, 94)]
+    engine = RowEngine(model, tok)
+    logits, state = engine.prefill_prompts(prompts)
+    rows = [
+        Row(SamplingParams(max_new_tokens=8), tok, len(p), tag=i) for i, p in enumerate(prompts)
+    ]
+    engine.add(rows, logits, state)
+    counts = {"tolist": 0, "tensor": 0, "item": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting("tolist", torch.Tensor.tolist))
+    monkeypatch.setattr(torch.Tensor, "item", counting("item", torch.Tensor.item))
+    monkeypatch.setattr(torch, "tensor", counting("tensor", torch.tensor))
+    monkeypatch.setattr(torch, "as_tensor", counting("tensor", torch.as_tensor))
+    for step in range(1, 4):
+        engine.step()
+        assert len(engine.rows) == 2
+        assert counts == {"tolist": step, "tensor": 0, "item": 0}
+    monkeypatch.undo()
+    while engine.rows:
+        engine.step()
+    want = generate(model, tok, prompts, max_new_tokens=8)
+    assert [r.ids for r in rows] == [r.token_ids for r in want]
+
+
+def test_engine_rows_join_a_running_batch(model, tok):
+    """Rows added while others decode (continuous batching, one row's state repeated
+    for n choices) get the tokens each prompt gets alone."""
+    engine = RowEngine(model, tok, batch_rows=lambda n: 4 if n > 1 else n)
+    p0, p1 = random_ids(8, 95), random_ids(4, 96)
+    logits, state = engine.prefill_prompts([p0])
+    first = Row(SamplingParams(max_new_tokens=9), tok, len(p0))
+    engine.add([first], logits, state)
+    engine.step()
+    engine.step()
+    logits, state = engine.prefill_prompts([p1])
+    later = [Row(SamplingParams(max_new_tokens=5), tok, len(p1)) for _ in range(2)]
+    outs = engine.add(later, logits, state)
+    assert [o.row for o in outs] == later and engine.state.batch_size == 4
+    while engine.rows:
+        engine.step()
+    assert first.ids == generate(model, tok, [p0], max_new_tokens=9)[0].token_ids
+    alone = generate(model, tok, [p1], max_new_tokens=5)[0].token_ids
+    assert later[0].ids == later[1].ids == alone
+    assert engine.state is None
+
+
+def test_state_head_expand_and_concat(model):
+    state = prefill(model, torch.tensor([random_ids(6, 97), random_ids(6, 98)]))[1]
+    one = state.select([1])
+    three = one.expand(3)
+    assert three.batch_size == 3 and three.next_pos.data_ptr() == one.next_pos.data_ptr()
+    joined = concat_states([state.head(1), three])
+    assert states_close(joined, state.select([0, 1, 1, 1]), atol=0)
+    assert all(t.is_contiguous() for s in joined.blocks for t in s)
+    with pytest.raises(InputError, match="batch size 1"):
+        state.expand(2)
+
+
+def test_compile_decode_is_one_documented_attribute(monkeypatch):
+    """`compile_decode` sets `decode_step` to a `CompiledDecodeStep` whose public
+    attributes count calls and compile time; nothing else on the model changes."""
+
+    def identity_compile(fn, **kw):
+        return fn
+
+    monkeypatch.setattr(torch, "compile", identity_compile)
+    model = copy.deepcopy(tiny_model())
+    before = set(vars(model))
+    compile_decode(model)
+    step = model.decode_step
+    assert isinstance(step, CompiledDecodeStep) and set(vars(model)) - before == {"decode_step"}
+    assert step.failed is None and step.calls == 0 and step.compile_seconds == 0.0
+    state = model.init_state(1)
+    with torch.no_grad():
+        step(torch.tensor([5]), state)
+        step(torch.tensor([6]), state)
+    assert step.calls == 2 and step.compile_seconds > 0.0

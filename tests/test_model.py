@@ -2,26 +2,32 @@
 invariants (chunked prefill, decode, batching, packing, fixed-size state)."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
+from oracle import random_model, random_pair
 
 import rgemma.model as model_mod
-from oracle import random_model, random_pair
 from rgemma import GriffinConfig, InputError
 from rgemma.config import BlockType
 from rgemma.model import Griffin
 from rgemma.state import concat_states, load_state, save_state
 
-TOL = dict(rtol=0, atol=1e-4)
+TOL = {"rtol": 0, "atol": 1e-4}
 
 # Every block kind, window 8, so 40+ token sequences exceed the window.
 CFG = GriffinConfig.preset("test-tiny")
 # Attention first and last, LRU width != width, 3 heads, no soft-cap or embedding scale.
 CFG_ODD = dataclasses.replace(
-    CFG, width=48, lru_width=36, num_heads=3,
+    CFG,
+    width=48,
+    lru_width=36,
+    num_heads=3,
     block_types=(BlockType.ATTENTION, BlockType.RECURRENT, BlockType.ATTENTION),
-    embeddings_scale_by_sqrt_dim=False, logits_soft_cap=None, attention_window_size=5,
+    embeddings_scale_by_sqrt_dim=False,
+    logits_soft_cap=None,
+    attention_window_size=5,
 )
 
 
@@ -72,16 +78,16 @@ def test_parity_left_padded_batch(pair):
     tokens = torch.randint(0, CFG.vocab_size, (len(lengths), T))
     pos = torch.full((len(lengths), T), -1)
     for i, n in enumerate(lengths):
-        pos[i, T - n:] = torch.arange(n)
+        pos[i, T - n :] = torch.arange(n)
     with torch.no_grad():
         logits, _ = ours(tokens, pos)
     ref = official_logits(official, tokens, pos)
     for i, n in enumerate(lengths):
-        torch.testing.assert_close(logits[i, T - n:], ref[i, T - n:], **TOL)
+        torch.testing.assert_close(logits[i, T - n :], ref[i, T - n :], **TOL)
         # And each row equals that sequence alone.
         with torch.no_grad():
-            alone, _ = ours(tokens[i:i + 1, T - n:])
-        torch.testing.assert_close(logits[i, T - n:], alone[0], **TOL)
+            alone, _ = ours(tokens[i : i + 1, T - n :])
+        torch.testing.assert_close(logits[i, T - n :], alone[0], **TOL)
 
 
 def _model(cfg=CFG, seed=2):
@@ -100,7 +106,7 @@ def test_chunked_prefill_and_decode_equal_full_forward(cfg):
             cuts = sorted(torch.randperm(T - 1, generator=g)[:6].add(1).tolist())
             bounds = [0, *cuts, T]
             state, outs = None, []
-            for a, b in zip(bounds[:-1], bounds[1:]):
+            for a, b in itertools.pairwise(bounds):
                 out, state = model(tokens[:, a:b], state=state)
                 outs.append(out)
             torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
@@ -108,7 +114,7 @@ def test_chunked_prefill_and_decode_equal_full_forward(cfg):
         out, state = model(tokens[:, :10])
         outs = [out]
         for t in range(10, T):
-            out, state = model(tokens[:, t:t + 1], state=state)
+            out, state = model(tokens[:, t : t + 1], state=state)
             outs.append(out)
         torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
         for s_full, s_step in zip(full_state.blocks, state.blocks):
@@ -148,8 +154,8 @@ def test_batch_equals_rows_alone_and_state_rows():
         out, state = model(tokens)
         states = []
         for i in range(3):
-            alone, s = model(tokens[i:i + 1])
-            torch.testing.assert_close(out[i:i + 1], alone, **TOL)
+            alone, s = model(tokens[i : i + 1])
+            torch.testing.assert_close(out[i : i + 1], alone, **TOL)
             states.append(s)
         # Rows taken out of a batch state, or states merged into one, continue exactly.
         nxt = torch.randint(0, CFG.vocab_size, (3, 4))
@@ -188,7 +194,7 @@ def test_logits_modes():
     model = _model()
     tokens = torch.randint(0, CFG.vocab_size, (2, 12))
     with torch.no_grad():
-        full, s1 = model(tokens)
+        full, _s1 = model(tokens)
         last, s2 = model(tokens, logits="last")
         none, s3 = model(tokens, logits="none")
     assert none is None and last.shape == (2, 1, CFG.vocab_size)
@@ -221,6 +227,27 @@ def test_sqrt_bound_derivative_caps_gradient():
     torch.testing.assert_close(x.grad, torch.tensor([1000.0, 1000.0, 1.0]))
 
 
+def test_rg_lru_a_param_init_is_the_official_ring():
+    """`init_rg_lru_a_param`: a = exp(-softplus(a_param)) with a^2 uniform in
+    [0.9^2, 0.999^2], in place on a trainable parameter of any dtype; used by
+    `reset_parameters`."""
+    p = torch.nn.Parameter(torch.empty(20_000))
+    out = model_mod.init_rg_lru_a_param(p, torch.Generator().manual_seed(0))
+    assert out is p and p.requires_grad
+    a2 = torch.exp(-2 * torch.nn.functional.softplus(p.detach()))
+    assert 0.81 - 1e-5 <= a2.min() < 0.812 and 0.996 < a2.max() <= 0.998 + 1e-5
+    assert abs(a2.mean().item() - (0.81 + 0.998) / 2) < 0.005  # uniform: mean mid-ring
+    half = model_mod.init_rg_lru_a_param(torch.empty(7, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    # reset_parameters initialises every RG-LRU with it.
+    model = Griffin(CFG)
+    model.reset_parameters(seed=5)
+    for name, param in model.named_parameters():
+        if name.endswith("rg_lru.a_param"):
+            a2 = torch.exp(-2 * torch.nn.functional.softplus(param.detach()))
+            assert 0.81 - 1e-5 <= a2.min() and a2.max() <= 0.998 + 1e-5, name
+
+
 def test_bfloat16_model_runs_and_tracks_float32():
     model = _model()
     tokens = torch.randint(0, CFG.vocab_size, (1, 30))
@@ -234,11 +261,16 @@ def test_bfloat16_model_runs_and_tracks_float32():
 def test_long_prompt_attention_memory_is_bounded(monkeypatch):
     """A 32,768-token prompt on a 2-layer, width-256 model: the attention logits are
     never larger than chunk x (window + chunk)."""
-    cfg = GriffinConfig(vocab_size=256, width=256, mlp_expanded_width=512, num_heads=4,
-                        block_types=(BlockType.RECURRENT, BlockType.ATTENTION),
-                        attention_window_size=2048)
+    cfg = GriffinConfig(
+        vocab_size=256,
+        width=256,
+        mlp_expanded_width=512,
+        num_heads=4,
+        block_types=(BlockType.RECURRENT, BlockType.ATTENTION),
+        attention_window_size=2048,
+    )
     model = Griffin(cfg).eval()
-    chunk = model.blocks[1].attention_block.chunk_size
+    chunk = model_mod.ATTENTION_QUERY_CHUNK
     sizes = []
     real = model_mod.local_attention
 
@@ -249,7 +281,7 @@ def test_long_prompt_attention_memory_is_bounded(monkeypatch):
     monkeypatch.setattr(model_mod, "local_attention", spy)
     tokens = torch.randint(0, 256, (1, 32_768))
     with torch.no_grad():
-        logits, state = model(tokens, logits="last")
+        logits, _state = model(tokens, logits="last")
     assert torch.isfinite(logits).all()
     assert len(sizes) == 32_768 // chunk
     assert max(sizes) <= chunk * (cfg.attention_window_size + chunk)
@@ -292,9 +324,13 @@ def test_bad_inputs_raise_clear_errors():
         model(ok, state=other_state)
 
 
-@pytest.mark.parametrize("name,count", [
-    ("recurrentgemma-2b", 2_682_862_080), ("recurrentgemma-9b", 8_579_977_216),
-])
+@pytest.mark.parametrize(
+    "name,count",
+    [
+        ("recurrentgemma-2b", 2_682_862_080),
+        ("recurrentgemma-9b", 8_579_977_216),
+    ],
+)
 def test_presets_parameter_counts(name, count):
     cfg = GriffinConfig.preset(name)
     model = Griffin(cfg, device="meta")
@@ -379,8 +415,9 @@ def test_linear_single_bfloat16_row_uses_mv_and_matches_f_linear(monkeypatch):
     x1 = torch.randn(1, 1, 32, dtype=torch.bfloat16)
     got = model_mod.linear(x1, w, b)
     assert calls and got.shape == (1, 1, 48)
-    torch.testing.assert_close(got.float(), torch.nn.functional.linear(x1, w, b).float(),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        got.float(), torch.nn.functional.linear(x1, w, b).float(), rtol=2e-2, atol=2e-2
+    )
     calls.clear()
     x4 = torch.randn(2, 2, 32, dtype=torch.bfloat16)
     assert torch.equal(model_mod.linear(x4, w, b), torch.nn.functional.linear(x4, w, b))

@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
-
 from oracle import random_model
+
 from rgemma import GriffinConfig, InputError, quantize
-from rgemma.quantization import Int8Linear, int8_matmul, quantize_per_channel
+from rgemma.ops import int8_matmul
+from rgemma.quantization import Int8Linear, quantize_per_channel
 
 CFG = GriffinConfig.preset("test-small")
 

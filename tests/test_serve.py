@@ -18,9 +18,10 @@ httpx = pytest.importorskip("httpx")
 from conftest_gen import ScriptedModel, tiny_model, tokenizer
 
 from rgemma.generation import generate
+from rgemma.sampling import SamplingParams
 from rgemma.serve.app import ServeConfig, create_app
 from rgemma.serve.prefix_cache import PrefixCache
-from rgemma.serve.scheduler import GenerationRequest, SamplingParams, Scheduler
+from rgemma.serve.scheduler import GenerationRequest, Scheduler
 
 PROMPTS = [
     "Hello world",
@@ -117,7 +118,9 @@ def test_scheduler_greedy_rows_equal_generate_alone(model, tok):
     for i, p in enumerate(prompts):
         sched.submit(
             GenerationRequest(
-                [tok.encode(p)], SamplingParams(max_tokens=max_tokens[i]), on_event=events[i].append
+                [tok.encode(p)],
+                SamplingParams(max_new_tokens=max_tokens[i]),
+                on_event=events[i].append,
             )
         )
     peak = 0
@@ -147,13 +150,13 @@ def test_scheduler_seeded_sampling_matches_generate(model, tok):
     other = []  # a greedy neighbour in the same batch
     sched.submit(
         GenerationRequest(
-            [tok.encode(PROMPTS[0])], SamplingParams(max_tokens=20), on_event=other.append
+            [tok.encode(PROMPTS[0])], SamplingParams(max_new_tokens=20), on_event=other.append
         )
     )
     sched.submit(
         GenerationRequest(
             [tok.encode(p)],
-            SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=7),
+            SamplingParams(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=7),
             n=3,
             on_event=ev.append,
         )
@@ -513,7 +516,7 @@ def test_bad_requests_get_openai_errors(model, tok):
 def test_api_key_and_queue_full(model, tok):
     app = create_app(model, tok, small_config(api_key="sk-test", max_queue=1))
     sched = app.state.server.scheduler  # not started: submitted requests wait in the queue
-    sched.submit(GenerationRequest([[2, 10]], SamplingParams(max_tokens=1)))
+    sched.submit(GenerationRequest([[2, 10]], SamplingParams(max_new_tokens=1)))
 
     async def scenario(client):
         body = {"prompt": "x", "max_tokens": 2}
@@ -783,7 +786,7 @@ def test_shape_buckets_bound_the_model_shapes(model, tok):
         events = [[] for _ in prompts]
         try:
             for i, p in enumerate(prompts):
-                params = SamplingParams(max_tokens=2 + i % 5)
+                params = SamplingParams(max_new_tokens=2 + i % 5)
                 sched.submit(GenerationRequest([p], params, on_event=events[i].append))
             while sched.has_work():
                 sched.step()
@@ -833,7 +836,7 @@ def test_idle_scheduler_hands_memory_back(model, tok):
 
             sched.submit(
                 GenerationRequest(
-                    [tok.encode("Hi")], SamplingParams(max_tokens=3), on_event=on_event
+                    [tok.encode("Hi")], SamplingParams(max_new_tokens=3), on_event=on_event
                 )
             )
             assert done.wait(20)
@@ -865,7 +868,9 @@ def test_scheduler_decodes_through_compiled_decode_step(model, tok, monkeypatch)
     events = [[] for _ in PROMPTS[:3]]
     for i, p in enumerate(PROMPTS[:3]):
         sched.submit(
-            GenerationRequest([tok.encode(p)], SamplingParams(max_tokens=6), on_event=events[i].append)
+            GenerationRequest(
+                [tok.encode(p)], SamplingParams(max_new_tokens=6), on_event=events[i].append
+            )
         )
     while sched.has_work():
         sched.step()
@@ -873,3 +878,22 @@ def test_scheduler_decodes_through_compiled_decode_step(model, tok, monkeypatch)
     for i, p in enumerate(PROMPTS[:3]):
         ids = [e.token_id for e in events[i] if e.kind == "token" and e.token_id is not None]
         assert ids == greedy_ref(model, tok, p, 6).token_ids
+
+
+def test_one_sampling_params_and_engine(model, tok):
+    """The server builds `rgemma.sampling.SamplingParams` (OpenAI's max_tokens is
+    max_new_tokens) and runs its rows on the engine `generate` uses."""
+    import rgemma
+    import rgemma.serve
+    from rgemma.engine import RowEngine
+    from rgemma.serve.protocol import CompletionRequest
+
+    assert rgemma.serve.SamplingParams is SamplingParams is rgemma.SamplingParams
+    app = create_app(model, tok, small_config())
+    server = app.state.server
+    body = CompletionRequest(prompt="x", max_tokens=7, temperature=0.5, top_k=-1, stop="\n")
+    params = server._params(body, body.max_tokens, 16, 2, prompt_logprobs=True)
+    assert params == SamplingParams(
+        max_new_tokens=7, temperature=0.5, stop=("\n",), logprobs=2, prompt_logprobs=True
+    )
+    assert isinstance(server.scheduler.engine, RowEngine)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from oracle import random_model
 
-from rgemma.config import GriffinConfig
+from rgemma.config import GriffinConfig, config_diff
 from rgemma.errors import ConfigError, InputError
 from rgemma.model import Griffin
 from rgemma.training import (
@@ -29,7 +29,7 @@ from rgemma.training import (
 
 # The training module (`rgemma.train` is its `train` function).
 train_mod = importlib.import_module("rgemma.training")
-TOKENIZER = Path(train_mod.__file__).parent / "assets" / "tokenizer.model"
+TOKENIZER = Path(train_mod.__file__).parent / "assets" / "bundled" / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="bundled tokenizer missing")
 
 TINY_MODEL = {"preset": "test-tiny", "vocab_size": 4096}
@@ -291,6 +291,49 @@ def test_nan_loss_stops_without_checkpoint(tmp_path, corpus, monkeypatch):
     assert find_checkpoints(tmp_path / "run") == []
 
 
+def test_evaluate_scores_validation_documents_whole():
+    from rgemma.data import PackedDataset, TokenizedDocument
+
+    cfg = GriffinConfig.preset("test-tiny")  # window 8, shorter than the documents
+    model = random_model(cfg, std=0.2).train()
+    g = torch.Generator().manual_seed(2)
+    docs = []
+    for n, first_learned in ((20, 1), (35, 10), (9, 1)):  # the 2nd: a completion from 10 on
+        tokens = torch.randint(3, cfg.vocab_size, (n,), generator=g).numpy().astype(np.int32)
+        docs.append(TokenizedDocument(tokens, np.arange(n) >= first_learned))
+
+    def direct(doc: TokenizedDocument, upto: int) -> tuple[float, int]:
+        """Summed masked cross-entropy of one full forward over doc.tokens[:upto]."""
+        ids = torch.from_numpy(doc.tokens[:upto]).long()
+        with torch.no_grad():
+            logits, _ = model(ids[None])
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:], reduction="none")
+        keep = torch.from_numpy(doc.trainable[1:upto])
+        return float(nll[keep].double().sum()), int(keep.sum())
+
+    parts = [direct(d, len(d.tokens)) for d in docs]
+    total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    assert count == 19 + 25 + 8
+    byte_lengths = torch.full((cfg.vocab_size,), 3.0, dtype=torch.float64)
+    got = train_mod.evaluate(model, docs, chunk_size=8, batch_size=2, byte_lengths=byte_lengths)
+    assert model.training  # restored
+    assert got["val_tokens"] == count
+    assert got["val_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["val_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert got["val_bpb"] == pytest.approx(total / math.log(2) / (3 * count), rel=1e-5)
+    # A packed validation set is scored by its documents, not by its packed rows.
+    packed = PackedDataset(docs, seq_len=16, batch_size=2, shuffle=False, drop_last=False)
+    assert train_mod.evaluate(model, packed, chunk_size=5)["val_loss"] == pytest.approx(
+        got["val_loss"], rel=1e-5
+    )
+    # A budget of 30 predicted positions: all of the 1st document (19), 11 of the 2nd.
+    cut = train_mod.evaluate(model, docs, max_tokens=30, chunk_size=4)
+    head = [parts[0], direct(docs[1], 12)]
+    assert cut["val_tokens"] == 19 + 2 == sum(p[1] for p in head)
+    assert cut["val_loss"] == pytest.approx(sum(p[0] for p in head) / 21, rel=1e-5)
+    assert "val_bpb" not in cut
+
+
 def test_packed_documents_do_not_see_each_other():
     from rgemma.data import PackedDataset, TokenizedDocument
 
@@ -542,7 +585,7 @@ def test_warmup_longer_than_max_steps_is_rejected():
 def test_config_diff_prints_plain_values():
     a = GriffinConfig.preset("test-tiny")
     b = GriffinConfig.from_dict(dict(a.to_dict(), block_types=["attention"] * len(a.block_types)))
-    (diff,) = train_mod.config_diff(a, b)
+    (diff,) = config_diff(a, b)
     assert "BlockType" not in diff and "'recurrent'" in diff and "'attention'" in diff
 
 

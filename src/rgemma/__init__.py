@@ -5,10 +5,11 @@ Public API (imported lazily, so `import rgemma` is cheap):
     GriffinConfig, Griffin, GriffinState        the model and its fixed-size state
     load_model, save_model                      checkpoints (official .pt, HF, rgemma)
     Tokenizer, load                             tokenizer; (model, tokenizer) in one call
-    generate, stream                            batched generation and streaming
+    SamplingParams                              how to sample and stop, made once
+    generate, stream, ChatSession               batched generation, streaming, chat
     train                                       training / fine-tuning
     quantize                                    weight-only int8
-    compile_decode                              torch.compile the decode step
+    compile_decode, CompiledDecodeStep          torch.compile the decode step
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ _EXPORTS = {
     "GenerationResult": "generation",
     "ChatSession": "generation",
     "prompt_state": "generation",
-    "compile_decode": "generation",
+    "SamplingParams": "sampling",
+    "compile_decode": "engine",
+    "CompiledDecodeStep": "engine",
     "train": "training",
     "TrainConfig": "training",
     "quantize": "quantization",
@@ -45,7 +48,35 @@ _EXPORTS = {
     "InputError": "errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AttentionState",
+    "BlockType",
+    "ChatSession",
+    "CheckpointError",
+    "CompiledDecodeStep",
+    "ConfigError",
+    "GenerationResult",
+    "Griffin",
+    "GriffinConfig",
+    "GriffinState",
+    "InputError",
+    "RecurrentState",
+    "RgemmaError",
+    "SamplingParams",
+    "Tokenizer",
+    "TrainConfig",
+    "compile_decode",
+    "generate",
+    "load",
+    "load_model",
+    "load_state",
+    "prompt_state",
+    "quantize",
+    "save_model",
+    "save_state",
+    "stream",
+    "train",
+]  # = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

@@ -63,16 +63,16 @@ from .io import atomic_dir
 
 __all__ = [
     "RGEMMA_CONFIG_NAME",
-    "WEIGHTS_NAME",
     "TOKENIZER_NAME",
-    "hf_to_official",
-    "official_to_hf",
-    "hf_config_to_griffin",
-    "griffin_to_hf_config",
-    "load_model",
-    "save_model",
-    "save_hf",
+    "WEIGHTS_NAME",
     "bundled_model_path",
+    "griffin_to_hf_config",
+    "hf_config_to_griffin",
+    "hf_to_official",
+    "load_model",
+    "official_to_hf",
+    "save_hf",
+    "save_model",
 ]
 
 RGEMMA_CONFIG_NAME = "rgemma_config.json"
@@ -254,8 +254,11 @@ def hf_to_official(
     for official, (gate, up) in pairs.items():
         if gate is None or up is None:
             have = next(k for k in pair_keys[official] if k)
-            missing = have.replace("gate_proj", "up_proj") if up is None else have.replace(
-                "up_proj", "gate_proj")
+            missing = (
+                have.replace("gate_proj", "up_proj")
+                if up is None
+                else have.replace("up_proj", "gate_proj")
+            )
             raise CheckpointError(f"HF checkpoint has {have!r} but is missing key {missing!r}")
         if gate.shape != up.shape or gate.ndim not in (1, 2):
             raise CheckpointError(
@@ -271,8 +274,10 @@ def hf_to_official(
         embed = out.get(_EMBED_OFFICIAL)
         if embed is None:
             raise CheckpointError(f"HF checkpoint has {_LM_HEAD_HF!r} without {_EMBED_HF!r}")
-        tied = embed.is_meta or lm_head.is_meta or (
-            embed.shape == lm_head.shape and torch.equal(embed, lm_head.to(embed.dtype))
+        tied = (
+            embed.is_meta
+            or lm_head.is_meta
+            or (embed.shape == lm_head.shape and torch.equal(embed, lm_head.to(embed.dtype)))
         )
         if not tied:
             raise CheckpointError(
@@ -356,8 +361,9 @@ def hf_config_to_griffin(config_json: Mapping[str, Any]) -> GriffinConfig:
     if cj.get("tie_word_embeddings", True) is False:
         raise ConfigError("HF tie_word_embeddings must be true (rgemma's output head is tied)")
 
-    pattern = cj.get("block_types") or cj.get("_block_types") or [
-        "recurrent", "recurrent", "attention"]
+    pattern = (
+        cj.get("block_types") or cj.get("_block_types") or ["recurrent", "recurrent", "attention"]
+    )
     if not isinstance(num_layers, int) or num_layers <= 0:
         raise ConfigError(f"HF num_hidden_layers must be a positive int, got {num_layers!r}")
     try:
@@ -430,11 +436,18 @@ def griffin_to_hf_config(cfg: GriffinConfig) -> dict[str, Any]:
 # Reading tensors: a name -> shape view first (for validation), tensors on demand
 # ----------------------------------------------------------------------------------
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
     "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
     "F8_E5M2": getattr(torch, "float8_e5m2", None),
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -449,8 +462,18 @@ class _Source:
 def _torch_source(path: Path) -> _Source:
     """A `.pt` state_dict, loaded with `weights_only=True` (never unpickling arbitrary
     objects) and memory-mapped when the file allows it."""
-    errors = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError,
-              zipfile.BadZipFile, AttributeError, KeyError, TypeError, ImportError)
+    errors = (
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        OSError,
+        zipfile.BadZipFile,
+        AttributeError,
+        KeyError,
+        TypeError,
+        ImportError,
+    )
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -496,8 +519,9 @@ def _torch_source(path: Path) -> _Source:
     return src
 
 
-def _safetensors_source(files: Mapping[str, Path], stack: contextlib.ExitStack,
-                        index: Path | None = None) -> _Source:
+def _safetensors_source(
+    files: Mapping[str, Path], stack: contextlib.ExitStack, index: Path | None = None
+) -> _Source:
     """Tensors of one or more safetensors files. `files` maps each tensor name to its
     file when an index says so; {"": file} means "every tensor of that file"."""
     from safetensors import SafetensorError, safe_open
@@ -569,11 +593,17 @@ def _find(path: Path) -> _Found:
         tok = tok if tok.is_file() else None
         if path.suffix == ".safetensors":
             if (directory / RGEMMA_CONFIG_NAME).is_file():
-                return _Found("rgemma", path, [path], config_file=directory / RGEMMA_CONFIG_NAME,
-                              tokenizer=tok)
+                return _Found(
+                    "rgemma",
+                    path,
+                    [path],
+                    config_file=directory / RGEMMA_CONFIG_NAME,
+                    tokenizer=tok,
+                )
             if (directory / HF_CONFIG_NAME).is_file():
-                return _Found("hf", path, [path], config_file=directory / HF_CONFIG_NAME,
-                              tokenizer=tok)
+                return _Found(
+                    "hf", path, [path], config_file=directory / HF_CONFIG_NAME, tokenizer=tok
+                )
             return _Found("official", path, [path], tokenizer=tok)
         if path.suffix == ".json":
             return _find(directory)
@@ -584,15 +614,18 @@ def _find(path: Path) -> _Found:
     if (path / RGEMMA_CONFIG_NAME).is_file():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
-            raise CheckpointError(f"rgemma checkpoint {path} has {RGEMMA_CONFIG_NAME} but no "
-                                  f"{WEIGHTS_NAME}")
-        return _Found("rgemma", path, [weights], config_file=path / RGEMMA_CONFIG_NAME,
-                      tokenizer=tok)
+            raise CheckpointError(
+                f"rgemma checkpoint {path} has {RGEMMA_CONFIG_NAME} but no {WEIGHTS_NAME}"
+            )
+        return _Found(
+            "rgemma", path, [weights], config_file=path / RGEMMA_CONFIG_NAME, tokenizer=tok
+        )
     if (path / HF_CONFIG_NAME).is_file():
         config_file = path / HF_CONFIG_NAME
         if (path / HF_INDEX_NAME).is_file():
-            return _Found("hf", path, [], index=path / HF_INDEX_NAME, config_file=config_file,
-                          tokenizer=tok)
+            return _Found(
+                "hf", path, [], index=path / HF_INDEX_NAME, config_file=config_file, tokenizer=tok
+            )
         for name in (WEIGHTS_NAME, HF_BIN_NAME):
             if (path / name).is_file():
                 return _Found("hf", path, [path / name], config_file=config_file, tokenizer=tok)
@@ -647,9 +680,13 @@ def _listing(keys: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _validate(where: str, shapes: Mapping[str, tuple[int, ...]],
-              expected: Mapping[str, tuple[int, ...]], cfg: GriffinConfig,
-              allowed_extra: Iterable[str] = ()) -> None:
+def _validate(
+    where: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    cfg: GriffinConfig,
+    allowed_extra: Iterable[str] = (),
+) -> None:
     missing = set(expected) - set(shapes)
     if missing:
         raise CheckpointError(
@@ -662,7 +699,8 @@ def _validate(where: str, shapes: Mapping[str, tuple[int, ...]],
         )
     bad = [
         f"{k!r}: expected {tuple(expected[k])}, got {tuple(shapes[k])}"
-        for k in sorted(expected) if tuple(shapes[k]) != tuple(expected[k])
+        for k in sorted(expected)
+        if tuple(shapes[k]) != tuple(expected[k])
     ]
     if bad:
         raise CheckpointError(
@@ -686,15 +724,18 @@ def _is_hf_naming(keys: Iterable[str]) -> bool:
     return any(k.startswith(("model.", "layers.", "embed_tokens.", "lm_head.")) for k in keys)
 
 
-def _infer(official_shapes: Mapping[str, tuple[int, ...]], declared: GriffinConfig | None,
-           where: str) -> GriffinConfig:
+def _infer(
+    official_shapes: Mapping[str, tuple[int, ...]], declared: GriffinConfig | None, where: str
+) -> GriffinConfig:
     """Config from shapes; what shapes cannot tell (window, embedding scale, soft-cap,
     RoPE base) comes from the declared config, or RecurrentGemma's defaults."""
     kw = {}
     if declared is not None:
-        kw = dict(attention_window_size=declared.attention_window_size,
-                  embeddings_scale_by_sqrt_dim=declared.embeddings_scale_by_sqrt_dim,
-                  logits_soft_cap=declared.logits_soft_cap)
+        kw = {
+            "attention_window_size": declared.attention_window_size,
+            "embeddings_scale_by_sqrt_dim": declared.embeddings_scale_by_sqrt_dim,
+            "logits_soft_cap": declared.logits_soft_cap,
+        }
     try:
         inferred = GriffinConfig.from_state_dict(_meta(official_shapes), **kw)
     except CheckpointError as err:
@@ -718,8 +759,15 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         result = dtype
     else:
-        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-                   "float": "float32", "fp64": "float64", "double": "float64"}
+        aliases = {
+            "bf16": "bfloat16",
+            "fp16": "float16",
+            "half": "float16",
+            "fp32": "float32",
+            "float": "float32",
+            "fp64": "float64",
+            "double": "float64",
+        }
         name = aliases.get(str(dtype).lower().removeprefix("torch."), str(dtype).lower())
         result = getattr(torch, name.removeprefix("torch."), None)
         if not isinstance(result, torch.dtype):
@@ -806,8 +854,10 @@ def load_model(
         src = _open_source(found, stack)
         hf_names = _is_hf_naming(src.shapes)
         if found.format == "hf" and not hf_names:
-            raise CheckpointError(f"{where} has no HF RecurrentGemma keys "
-                                  f"(first keys: {_listing(list(src.shapes)[:5], 5)})")
+            raise CheckpointError(
+                f"{where} has no HF RecurrentGemma keys "
+                f"(first keys: {_listing(list(src.shapes)[:5], 5)})"
+            )
         if file_cfg is not None:
             cfg = file_cfg
         elif hf_names:  # a lone HF-named state_dict: convert the shapes, then infer
@@ -825,8 +875,10 @@ def load_model(
         expected = _expected_official(cfg)
         if hf_names:
             expected_hf = {k: tuple(v.shape) for k, v in official_to_hf(_meta(expected)).items()}
-            shapes = {(k if k.startswith(("model.", "lm_head.")) else "model." + k): s
-                      for k, s in src.shapes.items()}
+            shapes = {
+                (k if k.startswith(("model.", "lm_head.")) else "model." + k): s
+                for k, s in src.shapes.items()
+            }
             _validate(where, shapes, expected_hf, cfg, allowed_extra=(_LM_HEAD_HF,))
         else:
             _validate(where, src.shapes, expected, cfg)
@@ -834,8 +886,11 @@ def load_model(
         for key, dt in src.dtypes.items():
             if dt is None or not dt.is_floating_point:
                 raise CheckpointError(f"{where}: tensor {key!r} has dtype {dt}, not floating point")
-        embed_key = next(k for k in src.shapes if k == _EMBED_OFFICIAL
-                         or k.removeprefix("model.") == "embed_tokens.weight")
+        embed_key = next(
+            k
+            for k in src.shapes
+            if k == _EMBED_OFFICIAL or k.removeprefix("model.") == "embed_tokens.weight"
+        )
         target = dtype or src.dtypes[embed_key]
 
         def cast(t: Tensor) -> Tensor:
@@ -896,8 +951,9 @@ def _check_target(path: Path, marker: str) -> None:
             )
 
 
-def save_model(model, path: str | os.PathLike,
-               tokenizer_path: str | os.PathLike | None = None) -> Path:
+def save_model(
+    model, path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
+) -> Path:
     """Save `model` in rgemma's format: a directory with `model.safetensors` (official
     key names, contiguous tensors, the tied embedding stored once), `rgemma_config.json`
     and, if given, a copy of `tokenizer_path` as `tokenizer.model`.
@@ -926,8 +982,11 @@ def save_model(model, path: str | os.PathLike,
         raise CheckpointError(f"tokenizer file {tokenizer_path} does not exist")
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     with atomic_dir(path) as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME),
-                  metadata={"format": "pt", "rgemma_format": str(RGEMMA_FORMAT_VERSION)})
+        save_file(
+            state,
+            os.path.join(tmp, WEIGHTS_NAME),
+            metadata={"format": "pt", "rgemma_format": str(RGEMMA_FORMAT_VERSION)},
+        )
         meta = {"rgemma_format": RGEMMA_FORMAT_VERSION, "dtype": dtype, "config": cfg.to_dict()}
         with open(os.path.join(tmp, RGEMMA_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
@@ -937,8 +996,9 @@ def save_model(model, path: str | os.PathLike,
     return path
 
 
-def save_hf(model, path: str | os.PathLike,
-            tokenizer_path: str | os.PathLike | None = None) -> Path:
+def save_hf(
+    model, path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
+) -> Path:
     """Save `model` as a HF RecurrentGemma directory (`config.json` +
     `model.safetensors` with HF names, no `lm_head.weight`: it is tied), loadable by
     `transformers.RecurrentGemmaForCausalLM.from_pretrained` and by `load_model`.

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -71,8 +71,15 @@ class GriffinConfig:
         object.__setattr__(self, "block_types", tuple(BlockType(b) for b in self.block_types))
         if self.lru_width is None:
             object.__setattr__(self, "lru_width", self.width)
-        for name in ("vocab_size", "width", "mlp_expanded_width", "num_heads", "lru_width",
-                     "attention_window_size", "conv1d_temporal_width"):
+        for name in (
+            "vocab_size",
+            "width",
+            "mlp_expanded_width",
+            "num_heads",
+            "lru_width",
+            "attention_window_size",
+            "conv1d_temporal_width",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"GriffinConfig.{name} must be a positive int, got {value!r}")
@@ -89,7 +96,9 @@ class GriffinConfig:
         if self.head_dim % 4:
             raise ConfigError(f"head_dim ({self.head_dim}) must be divisible by 4 for RoPE")
         if self.logits_soft_cap is not None and self.logits_soft_cap <= 0:
-            raise ConfigError(f"logits_soft_cap must be positive or None, got {self.logits_soft_cap}")
+            raise ConfigError(
+                f"logits_soft_cap must be positive or None, got {self.logits_soft_cap}"
+            )
 
     # Derived values -----------------------------------------------------------------
     @property
@@ -136,7 +145,8 @@ class GriffinConfig:
         if unknown:
             raise ConfigError(f"unknown GriffinConfig field(s): {', '.join(unknown)}")
         missing = sorted(
-            f.name for f in dataclasses.fields(cls)
+            f.name
+            for f in dataclasses.fields(cls)
             if f.name not in data and f.default is dataclasses.MISSING
         )
         if missing:
@@ -224,14 +234,35 @@ class GriffinConfig:
 
     def check_matches(self, other: GriffinConfig, *, what: str = "checkpoint") -> None:
         """Raise `ConfigError` naming every field where `other` (e.g. inferred from a
-        checkpoint's shapes) differs from this declared config."""
-        diffs = [
-            f"{f.name}: declared {getattr(self, f.name)!r}, {what} has {getattr(other, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
+        checkpoint's shapes) differs from this declared config (see `config_diff`)."""
+        diffs = config_diff(self, other)
         if diffs:
-            raise ConfigError(f"config does not match the {what}: " + "; ".join(diffs))
+            raise ConfigError(
+                f"config does not match the {what} (declared vs {what}): " + "; ".join(diffs)
+            )
+
+
+def _plain(value: Any) -> Any:
+    """`value` with enums replaced by their values (`'recurrent'`, not `BlockType...`)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_diff(a: GriffinConfig, b: GriffinConfig) -> list[str]:
+    """The `GriffinConfig` fields where `a` and `b` differ, each as `name (a_value vs
+    b_value)` with plain values; empty when they are equal.
+
+    Used wherever two configs must agree: a declared config against a checkpoint's
+    (`check_matches`), a resumed training run against its checkpoint.
+    """
+    return [
+        f"{f.name} ({_plain(getattr(a, f.name))!r} vs {_plain(getattr(b, f.name))!r})"
+        for f in dataclasses.fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
 
 
 def _make(**kw: Any) -> GriffinConfig:
@@ -240,41 +271,76 @@ def _make(**kw: Any) -> GriffinConfig:
 
 PRESETS: dict[str, GriffinConfig] = {
     "recurrentgemma-2b": _make(
-        vocab_size=256_000, width=2560, mlp_expanded_width=7680, num_heads=10,
-        lru_width=2560, block_types=griffin_pattern(26), attention_window_size=2048,
-        embeddings_scale_by_sqrt_dim=True, logits_soft_cap=30.0,
+        vocab_size=256_000,
+        width=2560,
+        mlp_expanded_width=7680,
+        num_heads=10,
+        lru_width=2560,
+        block_types=griffin_pattern(26),
+        attention_window_size=2048,
+        embeddings_scale_by_sqrt_dim=True,
+        logits_soft_cap=30.0,
     ),
     "recurrentgemma-9b": _make(
-        vocab_size=256_000, width=4096, mlp_expanded_width=12288, num_heads=16,
-        lru_width=4096, block_types=griffin_pattern(38), attention_window_size=2048,
-        embeddings_scale_by_sqrt_dim=True, logits_soft_cap=30.0,
+        vocab_size=256_000,
+        width=4096,
+        mlp_expanded_width=12288,
+        num_heads=16,
+        lru_width=4096,
+        block_types=griffin_pattern(38),
+        attention_window_size=2048,
+        embeddings_scale_by_sqrt_dim=True,
+        logits_soft_cap=30.0,
     ),
     "griffin-7b": _make(
-        vocab_size=256_000, width=4096, mlp_expanded_width=12288, num_heads=32,
-        lru_width=5632, block_types=griffin_pattern(32), attention_window_size=1024,
-        embeddings_scale_by_sqrt_dim=False, logits_soft_cap=None,
+        vocab_size=256_000,
+        width=4096,
+        mlp_expanded_width=12288,
+        num_heads=32,
+        lru_width=5632,
+        block_types=griffin_pattern(32),
+        attention_window_size=1024,
+        embeddings_scale_by_sqrt_dim=False,
+        logits_soft_cap=None,
     ),
     "hawk-7b": _make(
-        vocab_size=256_000, width=4096, mlp_expanded_width=12288, num_heads=32,
-        lru_width=5632, block_types=(BlockType.RECURRENT,) * 32, attention_window_size=1024,
-        embeddings_scale_by_sqrt_dim=False, logits_soft_cap=None,
+        vocab_size=256_000,
+        width=4096,
+        mlp_expanded_width=12288,
+        num_heads=32,
+        lru_width=5632,
+        block_types=(BlockType.RECURRENT,) * 32,
+        attention_window_size=1024,
+        embeddings_scale_by_sqrt_dim=False,
+        logits_soft_cap=None,
     ),
     # The 2B widths with 6 layers (R,R,A,R,R,A): 1.12B parameters, for quick benchmarks.
     "recurrentgemma-2b-6l": _make(
-        vocab_size=256_000, width=2560, mlp_expanded_width=7680, num_heads=10,
-        lru_width=2560, block_types=griffin_pattern(6), attention_window_size=2048,
+        vocab_size=256_000,
+        width=2560,
+        mlp_expanded_width=7680,
+        num_heads=10,
+        lru_width=2560,
+        block_types=griffin_pattern(6),
+        attention_window_size=2048,
     ),
     # Small configs for tests: every block kind, a window shorter than test sequences.
     "test-tiny": _make(
-        vocab_size=256, width=32, mlp_expanded_width=48, num_heads=2, lru_width=40,
-        block_types=griffin_pattern(3), attention_window_size=8,
+        vocab_size=256,
+        width=32,
+        mlp_expanded_width=48,
+        num_heads=2,
+        lru_width=40,
+        block_types=griffin_pattern(3),
+        attention_window_size=8,
     ),
     "test-small": _make(
-        vocab_size=512, width=64, mlp_expanded_width=96, num_heads=4, lru_width=64,
-        block_types=griffin_pattern(5), attention_window_size=16,
+        vocab_size=512,
+        width=64,
+        mlp_expanded_width=96,
+        num_heads=4,
+        lru_width=64,
+        block_types=griffin_pattern(5),
+        attention_window_size=16,
     ),
 }
-
-
-def as_block_types(names: Sequence[str]) -> tuple[BlockType, ...]:
-    return tuple(BlockType(n) for n in names)

@@ -46,6 +46,7 @@ sequence is padded with `pad_id`. For each sequence:
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -68,6 +69,7 @@ __all__ = [
     "PackedDataset",
     "TokenizedDocument",
     "build_datasets",
+    "expand_paths",
     "is_validation",
     "read_documents",
     "split_documents",
@@ -601,25 +603,65 @@ class PackedDataset:
         self.step = state["step"]
 
 
+def expand_paths(patterns: PathLike | Sequence[PathLike], what: str = "data") -> list[str]:
+    """Expand glob patterns (`data/*.txt`, `**` recursive) in a list of paths, sorted
+    per pattern; plain paths pass as they are (`read_documents` checks them).
+
+    Raises:
+        InputError: a pattern that matches nothing (named, with `what`).
+    """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    out: list[str] = []
+    for p in patterns:
+        p = os.path.expanduser(os.fspath(p))
+        if glob.has_magic(p) and not os.path.exists(p):  # a literal name wins
+            matches = sorted(glob.glob(p, recursive=True))
+            if not matches:
+                raise InputError(f"{what} pattern {p!r} matches no file")
+            out += matches
+        else:
+            out.append(p)
+    return out
+
+
 def build_datasets(
     paths: PathLike | Sequence[PathLike],
     tokenizer: Tokenizer,
     seq_len: int,
     batch_size: int,
     *,
+    val_paths: PathLike | Sequence[PathLike] | None = None,
     val_fraction: float = 0.01,
     doc_chars: int | None = DEFAULT_DOC_CHARS,
     seed: int = 0,
 ) -> tuple[PackedDataset, PackedDataset | None]:
     """Read, split, tokenize and pack: (train, validation or None).
 
-    Training batches are shuffled and endless; validation batches are in a fixed
-    order, one epoch, last batch kept.
+    The one builder of training and validation data (`rgemma train`, the
+    benchmarks). Training batches are shuffled and endless; validation batches are
+    in a fixed order, one epoch, last batch kept. Validation is scored whole, one
+    document at a time, from `validation.docs` (`training.evaluate`).
+
+    Args:
+        paths: training files, directories and glob patterns (`expand_paths`).
+        tokenizer: the model's tokenizer.
+        seq_len, batch_size: t and b of the packed batches.
+        val_paths: held-out files; when given, every document under `paths` trains.
+        val_fraction: without `val_paths`, the share of documents held out by
+            `split_documents` (0: no validation).
+        doc_chars: longest plain-text document in characters (`split_text`).
+        seed: the training order's shuffling seed.
 
     Raises:
-        InputError: as `read_documents`, `split_documents` and `PackedDataset`.
+        InputError: a glob that matches nothing; as `read_documents`,
+            `split_documents` and `PackedDataset`.
     """
-    train_docs, val_docs = split_documents(read_documents(paths, doc_chars), val_fraction)
+    train_docs = read_documents(expand_paths(paths, "train_data"), doc_chars)
+    if val_paths:
+        val_docs = read_documents(expand_paths(val_paths, "val_data"), doc_chars)
+    else:
+        train_docs, val_docs = split_documents(train_docs, val_fraction)
     train = PackedDataset(
         tokenize_documents(train_docs, tokenizer),
         seq_len,

@@ -6,6 +6,12 @@ sequence length. Batches of prompts of different lengths are left-padded with
 segment_pos -1, which is exact: greedy results of a batch equal each prompt run
 alone.
 
+How to sample and stop is one `rgemma.sampling.SamplingParams`; the public functions
+take it as `sampling=` and also accept its fields as keyword arguments (sugar:
+`generate(..., max_new_tokens=40, temperature=0.8)`). The batch is run by the row
+engine (`rgemma.engine.RowEngine`) that the server's scheduler also uses, so both
+sample and stop the same way.
+
 Counterpart of `recurrentgemma/torch/sampler.py` (the official sampler), without
 its faults (see REFERENCE.md): every row keeps all its tokens, every row stops on
 its own (EOS, `<end_of_turn>`, stop strings, length), sampling has temperature,
@@ -18,6 +24,7 @@ Public API:
     stream(model, tokenizer, prompt, ...) -> TextStream (an iterator of str)
     prompt_state(model, tokenizer, prompt) -> GriffinState (to save and continue)
     ChatSession(model, tokenizer, system=None, ...): multi-turn chat over a state
+    compile_decode(model): a `torch.compile`d decode step (from `rgemma.engine`)
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,15 +40,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .engine import (
+    DEFAULT_CHUNK_SIZE,
+    Row,
+    RowEngine,
+    TokenLogprob,
+    activation_dtype,
+    compile_decode,
+    model_device,
+    prefill,
+)
 from .errors import CheckpointError, InputError
-from .sampling import make_generators, mask_beyond_vocab, sample, validate_sampling
-from .state import GriffinState, concat_states
+from .sampling import SamplingParams, make_generators
+from .state import GriffinState
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "ChatSession",
     "GenerationResult",
     "TextStream",
+    "compile_decode",
     "find_tokenizer",
     "generate",
     "load",
@@ -50,11 +67,6 @@ __all__ = [
     "prompt_state",
     "stream",
 ]
-
-#: Tokens per prefill call: activations are bounded by chunk_size x batch x width.
-DEFAULT_CHUNK_SIZE = 1024
-#: Prompts longer than this (tokens per row) get a progress bar when stderr is a TTY.
-PROGRESS_MIN_TOKENS = 4096
 
 Prompt = str | Sequence[int]
 
@@ -72,10 +84,7 @@ def find_tokenizer(path: str | os.PathLike[str] | None) -> Path:
     if path is None:
         from .tokenizer import BUNDLED_TOKENIZER_PATH
 
-        candidates = [
-            Path(__file__).parent / "assets" / "bundled" / "tokenizer.model",
-            BUNDLED_TOKENIZER_PATH,
-        ]
+        candidates = [BUNDLED_TOKENIZER_PATH]
     else:
         p = Path(path)
         candidates = [p / "tokenizer.model" if p.is_dir() else p.parent / "tokenizer.model"]
@@ -132,165 +141,7 @@ def load(
 
 
 # ----------------------------------------------------------------------------------
-# Compiled decode step
-# ----------------------------------------------------------------------------------
-def decode_step(
-    model: torch.nn.Module, tokens: Tensor, state: GriffinState
-) -> tuple[Tensor, GriffinState]:
-    """One decode step of every row: tokens (b,) -> (logits (b, vocab) float32, state).
-
-    `model.decode_step` where the model has one (a `Griffin`'s, compiled after
-    `compile_decode`); any other module with Griffin's `forward` (a wrapper) goes
-    through its forward. The generation loop and the server's scheduler both call this.
-    """
-    step = getattr(model, "decode_step", None)
-    if step is not None:
-        return step(tokens, state)
-    logits, state = model(tokens[:, None], None, state, logits="last", validate=False)
-    return logits[:, -1], state
-
-
-class _CompiledDecodeStep:
-    """`model.decode_step` through `torch.compile`, falling back to eager (with one
-    warning) if compiling fails, e.g. on a machine without a C++ compiler."""
-
-    def __init__(self, model: torch.nn.Module, mode: str | None) -> None:
-        self.eager = model.decode_step  # the bound method of the class
-        self.compiled = torch.compile(self.eager, mode=mode, dynamic=None)
-        self.failed: str | None = None  # why compiling failed, once it has
-        self.calls = 0
-        # Seconds spent in first calls at a new batch size (those that compile), so
-        # speed reports can leave compiling out.
-        self.compile_seconds = 0.0
-        self._batch_sizes: set[int] = set()
-
-    def __call__(self, tokens: Tensor, state: GriffinState) -> tuple[Tensor, GriffinState]:
-        if self.failed is not None:
-            return self.eager(tokens, state)
-        first = tokens.shape[0] not in self._batch_sizes
-        t0 = time.perf_counter()
-        try:
-            out = self.compiled(tokens, state)
-        except Exception as err:  # noqa: BLE001 - any compiler failure means eager
-            if self.calls:  # it compiled and ran before: a real error, not the compiler
-                raise
-            self.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
-            print(
-                f"rgemma: torch.compile of the decode step failed ({self.failed}); "
-                "decoding eagerly",
-                file=sys.stderr,
-            )
-            return self.eager(tokens, state)
-        if first:
-            self._batch_sizes.add(tokens.shape[0])
-            self.compile_seconds += time.perf_counter() - t0
-        self.calls += 1
-        return out
-
-
-def compile_decode(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
-    """Make every later decode step of `model` a `torch.compile`d one (in place).
-
-    Generation (`generate`, `stream`, `ChatSession`, the server) calls
-    `model.decode_step` once per token; this replaces it on this model with a
-    compiled version of the same function. Batch-1 decode of small models is
-    dominated by per-operator overhead, which compiling removes (the benchmark's
-    bundled-model table measures it). The first step compiles (tens of seconds on a
-    CPU); a new batch size recompiles once, after which the batch dimension is
-    dynamic. If compiling fails the step runs eagerly, with one warning on stderr.
-    Prefill is not compiled (its lengths vary).
-
-    Args:
-        model: a `Griffin` (quantized or not).
-        mode: `torch.compile` mode (None: the default).
-
-    Returns:
-        the same model.
-
-    Raises:
-        InputError: `model` has no `decode_step`.
-    """
-    if not callable(getattr(model, "decode_step", None)):
-        raise InputError(f"compile_decode expects a rgemma Griffin, got {type(model).__name__}")
-    if not isinstance(model.decode_step, _CompiledDecodeStep):
-        model.decode_step = _CompiledDecodeStep(model, mode)
-    return model
-
-
-# ----------------------------------------------------------------------------------
-# Prefill
-# ----------------------------------------------------------------------------------
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype:
-    return model.embedder.input_embedding.dtype
-
-
-@torch.no_grad()
-def prefill(
-    model: torch.nn.Module,
-    tokens: Tensor,
-    segment_pos: Tensor | None = None,
-    state: GriffinState | None = None,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    progress: bool | None = None,
-) -> tuple[Tensor, GriffinState]:
-    """Run a prompt through the model in chunks; return the last logits and the state.
-
-    Memory is bounded by `chunk_size` whatever the prompt length (the state is fixed
-    in size). Exact: chunking gives the logits and state of one call.
-
-    Args:
-        model: a `Griffin`.
-        tokens: (b, t) int64, t >= 1.
-        segment_pos: (b, t) int64, -1 for left padding; None continues from the
-            state's positions (from 0 without a state).
-        state: state to continue from; None starts empty.
-        chunk_size: tokens per model call.
-        progress: show a tqdm bar on stderr; None: only when stderr is a TTY and
-            t > `PROGRESS_MIN_TOKENS`.
-
-    Returns:
-        (logits (b, v) float32 at the last position, new state).
-
-    Raises:
-        InputError: t == 0, chunk_size < 1, or what `Griffin.forward` raises.
-    """
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    t = tokens.shape[1] if tokens.ndim == 2 else 0
-    if t == 0:
-        raise InputError(
-            f"prefill needs at least one token, got tokens of shape {tuple(tokens.shape)}"
-        )
-    if progress is None:
-        progress = t > PROGRESS_MIN_TOKENS and sys.stderr.isatty()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t, unit="tok", desc="prefill", file=sys.stderr, leave=False)
-    logits = None
-    try:
-        for start in range(0, t, chunk_size):
-            end = min(t, start + chunk_size)
-            seg = segment_pos[:, start:end] if segment_pos is not None else None
-            logits, state = model(
-                tokens[:, start:end], seg, state, logits="last" if end == t else "none"
-            )
-            if bar is not None:
-                bar.update(end - start)
-    finally:
-        if bar is not None:
-            bar.close()
-    return logits[:, -1], state
-
-
-# ----------------------------------------------------------------------------------
-# Results and per-row text tracking
+# Results
 # ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class GenerationResult:
@@ -308,6 +159,9 @@ class GenerationResult:
         stop_string: the stop string that stopped the row, else None.
         state: with `return_state=True`, the row's state (batch size 1) after the
             prompt and all of `token_ids`: give it as `state=` to continue.
+        logprobs: with `SamplingParams.logprobs` set, one `TokenLogprob` per entry of
+            `token_ids` (natural log, before temperature; `logprobs` alternatives
+            each); else None.
         prefill_seconds, decode_seconds: wall times of the whole batch's prefill
             (up to the first sampled token) and decode loop.
     """
@@ -319,71 +173,9 @@ class GenerationResult:
     stop_token_id: int | None = None
     stop_string: str | None = None
     state: GriffinState | None = dataclasses.field(default=None, repr=False)
+    logprobs: list[TokenLogprob] | None = dataclasses.field(default=None, repr=False)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-
-
-class RowText:
-    """Decodes one row's ids into text pieces safe to print, and finds stop strings.
-
-    A piece never ends inside a UTF-8 character (the tokenizer's `StreamDecoder`
-    holds back incomplete byte-fallback sequences), and text that may be the start
-    of a stop string is held back until it is known not to be one, so the pieces
-    concatenate exactly to the final text. Work per token is O(piece + longest stop).
-    """
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
-        self.decoder = tokenizer.stream_decoder()
-        self.stops = tuple(stops)
-        self.parts: list[str] = []
-        self.pending = ""  # decoded text held back: it may begin a stop string
-        self.stop_string: str | None = None
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add one id; return (text to release, whether a stop string completed)."""
-        return self._add(self.decoder.push(token_id))
-
-    def finish(self) -> str:
-        """End of the row (EOS or length): release everything held back."""
-        out, hit = self._add(self.decoder.flush())
-        if not hit and self.pending:
-            out += self.pending
-            self.parts.append(self.pending)
-            self.pending = ""
-        return out
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def _add(self, piece: str) -> tuple[str, bool]:
-        if not piece:
-            return "", False
-        if not self.stops:
-            self.parts.append(piece)
-            return piece, False
-        buf = self.pending + piece
-        best: tuple[int, str] | None = None
-        for s in self.stops:
-            i = buf.find(s)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is not None:
-            out = buf[: best[0]]
-            self.stop_string, self.pending = best[1], ""
-            self.parts.append(out)
-            return out, True
-        # Hold back the longest suffix of buf that is a proper prefix of a stop string.
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), hold, -1):
-                if buf.endswith(s[:k]):
-                    hold = k
-                    break
-        out, self.pending = buf[: len(buf) - hold], buf[len(buf) - hold :]
-        if out:
-            self.parts.append(out)
-        return out, False
 
 
 # ----------------------------------------------------------------------------------
@@ -428,30 +220,6 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
     return out
 
 
-def _as_stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            raise InputError(f"stop strings must be non-empty str, got {s!r}")
-    return stops
-
-
-def _check_generate_args(
-    max_new_tokens: Any, temperature: float, top_k: int, top_p: float, min_p: float, seed: Any
-) -> None:
-    if (
-        not isinstance(max_new_tokens, int)
-        or isinstance(max_new_tokens, bool)
-        or max_new_tokens < 0
-    ):
-        raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    validate_sampling(temperature, top_k, top_p, min_p)
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise InputError(f"seed must be an int or None, got {seed!r}")
-
-
 def _encode(
     tokenizer: Any, prompts: list[Prompt], *, chat: bool, continuing: bool, vocab_size: int
 ) -> list[list[int]]:
@@ -490,7 +258,7 @@ def _encode(
 
 
 # ----------------------------------------------------------------------------------
-# The generation loop
+# The generation loop: the row engine on a static batch
 # ----------------------------------------------------------------------------------
 class _Generation:
     """One batched generation; iterating yields (row, text piece) as rows progress,
@@ -502,22 +270,14 @@ class _Generation:
         tokenizer: Any,
         prompt_ids: list[list[int]],
         *,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        seed: int | None,
-        stops: tuple[str, ...],
+        sampling: SamplingParams,
         state: GriffinState | None,
         chunk_size: int,
         return_state: bool,
         progress: bool | None,
     ) -> None:
         self.model, self.tokenizer, self.prompt_ids = model, tokenizer, prompt_ids
-        self.max_new_tokens = max_new_tokens
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        self.seed, self.stops, self.state = seed, stops, state
+        self.sampling, self.state = sampling, state
         self.chunk_size, self.return_state, self.progress = chunk_size, return_state, progress
         self.results: list[GenerationResult] | None = None
         if state is not None:  # checked now, not at the first step of a stream
@@ -533,165 +293,57 @@ class _Generation:
                 )
             check_state(state, model.config, state.batch_size)
 
-    # -- prefill -----------------------------------------------------------------
-    def _prefill(self) -> tuple[Tensor, GriffinState]:
-        model, prompt_ids = self.model, self.prompt_ids
-        device, b = _device(model), len(prompt_ids)
-        lengths = [len(p) for p in prompt_ids]
-        t = max(lengths)
-        state = self.state
-        if state is None:
-            pad = max(self.tokenizer.pad_id, 0)
-            tokens = torch.full((b, t), pad, dtype=torch.long)
-            segment_pos = torch.full((b, t), -1, dtype=torch.long)
-            for r, ids in enumerate(prompt_ids):
-                tokens[r, t - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                segment_pos[r, t - len(ids) :] = torch.arange(len(ids))
-            return prefill(
-                model,
-                tokens.to(device),
-                segment_pos.to(device),
-                None,
-                chunk_size=self.chunk_size,
-                progress=self.progress,
-            )
-
-        state = state.to(device, dtype=_dtype(model))
-        if state.batch_size == 1 and b > 1:
-            state = state.select([0] * b)
-        if len(set(lengths)) == 1:
-            tokens = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-            return prefill(
-                model, tokens, None, state, chunk_size=self.chunk_size, progress=self.progress
-            )
-        # Left padding between a state and new tokens would not be exact: rows of
-        # different lengths are prefilled one by one, then batched for decoding.
-        logits, states = [], []
-        for r, ids in enumerate(prompt_ids):
-            tokens = torch.tensor([ids], dtype=torch.long, device=device)
-            lg, st = prefill(
-                model,
-                tokens,
-                None,
-                state.select([r]),
-                chunk_size=self.chunk_size,
-                progress=self.progress,
-            )
-            logits.append(lg)
-            states.append(st)
-        return torch.cat(logits), concat_states(states)
-
-    # -- decode ------------------------------------------------------------------
-    def _sample(self, logits: Tensor, gens: list[torch.Generator] | None) -> Tensor:
-        logits = mask_beyond_vocab(logits, self.tokenizer.vocab_size)
-        return sample(logits, generator=gens, **self.sampling)
-
-    @torch.no_grad()
-    def _step(
-        self, tokens: Tensor, state: GriffinState, want_logits: bool
-    ) -> tuple[Tensor | None, GriffinState]:
-        if want_logits:
-            return decode_step(self.model, tokens, state)
-        _, state = self.model(tokens[:, None], None, state, logits="none", validate=False)
-        return None, state
-
     def __iter__(self) -> Iterator[tuple[int, str]]:
-        tokenizer, max_new = self.tokenizer, self.max_new_tokens
-        b = len(self.prompt_ids)
-        device = _device(self.model)
-        stop_ids = {
-            i for i in (tokenizer.eos_id, tokenizer.end_of_turn_id) if i is not None and i >= 0
-        }
-
+        p, b = self.sampling, len(self.prompt_ids)
         t0 = time.perf_counter()
-        if max_new == 0 and not self.return_state:  # nothing to compute
+        if p.max_new_tokens == 0 and not self.return_state:  # nothing to compute
             self.results = [
                 GenerationResult(
-                    text="", token_ids=[], prompt_tokens=len(p), finish_reason="length"
+                    text="", token_ids=[], prompt_tokens=len(ids), finish_reason="length"
                 )
-                for p in self.prompt_ids
+                for ids in self.prompt_ids
             ]
             return
-        logits, state = self._prefill()
-        gens = make_generators(self.seed, b, device) if self.seed is not None else None
-
-        ids: list[list[int]] = [[] for _ in range(b)]
-        texts = [RowText(tokenizer, self.stops) for _ in range(b)]
-        reason: list[str | None] = [None] * b
-        stop_token: list[int | None] = [None] * b
-        snaps: list[GriffinState | None] = [None] * b
-        rows = list(range(b))  # batch position -> prompt index (rows still decoding)
-
-        if max_new == 0:
-            for r in range(b):
-                reason[r] = "length"
-                if self.return_state:
-                    snaps[r] = state.select([r])
-            next_tok = None
-        else:
-            next_tok = self._sample(logits, gens)  # (b,)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        engine = RowEngine(self.model, self.tokenizer)
+        logits, state = engine.prefill_prompts(
+            self.prompt_ids, self.state, chunk_size=self.chunk_size, progress=self.progress
+        )
+        gens = make_generators(p.seed, b, engine.device) if p.seed is not None else [None] * b
+        rows = [
+            Row(
+                p,
+                self.tokenizer,
+                len(ids),
+                generator=gens[r],
+                tag=r,
+                keep_state=self.return_state,
+            )
+            for r, ids in enumerate(self.prompt_ids)
+        ]
+        outs = engine.add(rows, logits, state)  # samples the first tokens (a host sync)
         t1 = time.perf_counter()
-
-        while next_tok is not None:
-            toks = next_tok.tolist()  # the one host sync per step
-            fed_snap: list[int] = []  # positions whose last token must be fed first
-            for pos, tok in enumerate(toks):
-                r = rows[pos]
-                if tok in stop_ids:
-                    reason[r], stop_token[r] = "stop", tok
-                    piece = texts[r].finish()
-                    if self.return_state:  # all of ids[r] is already in the state
-                        snaps[r] = state.select([pos])
-                else:
-                    ids[r].append(tok)
-                    piece, hit = texts[r].push(tok)
-                    if hit:
-                        reason[r] = "stop"
-                    elif len(ids[r]) >= max_new:
-                        reason[r] = "length"
-                        piece += texts[r].finish()
-                    if reason[r] is not None and self.return_state:
-                        fed_snap.append(pos)
-                if piece:
-                    yield r, piece
-            keep = [pos for pos, r in enumerate(rows) if reason[r] is None]
-            if not keep and not fed_snap:
+        while True:
+            for out in outs:
+                if out.text:
+                    yield out.row.tag, out.text
+            if not engine.rows:
                 break
-            feed = sorted(keep + fed_snap)
-            if len(feed) < len(rows):  # drop finished rows from the batch
-                state, next_tok = state.select(feed), next_tok[feed]
-                gens = [gens[p] for p in feed] if gens is not None else None
-                rows = [rows[p] for p in feed]
-            logits, state = self._step(next_tok, state, want_logits=bool(keep))
-            if fed_snap:
-                for pos, r in enumerate(rows):
-                    if reason[r] is not None:
-                        snaps[r] = state.select([pos])
-                keep = [pos for pos, r in enumerate(rows) if reason[r] is None]
-                if not keep:
-                    break
-                if len(keep) < len(rows):
-                    state, logits = state.select(keep), logits[keep]
-                    gens = [gens[p] for p in keep] if gens is not None else None
-                    rows = [rows[p] for p in keep]
-            next_tok = self._sample(logits, gens)
+            outs = engine.step()
         t2 = time.perf_counter()
-
         self.results = [
             GenerationResult(
-                text=texts[r].text,
-                token_ids=ids[r],
-                prompt_tokens=len(self.prompt_ids[r]),
-                finish_reason=reason[r] or "length",
-                stop_token_id=stop_token[r],
-                stop_string=texts[r].stop_string,
-                state=snaps[r],
+                text=row.text.text,
+                token_ids=row.ids,
+                prompt_tokens=row.prompt_tokens,
+                finish_reason=row.finish_reason or "length",
+                stop_token_id=row.stop_token_id,
+                stop_string=row.stop_string,
+                state=row.state,
+                logprobs=row.logprobs if p.logprobs is not None else None,
                 prefill_seconds=t1 - t0,
                 decode_seconds=t2 - t1,
             )
-            for r in range(b)
+            for row in rows
         ]
 
 
@@ -700,13 +352,7 @@ def _prepare(
     tokenizer: Any,
     prompts: Any,
     *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    seed: int | None,
-    stop: str | Sequence[str] | None,
+    sampling: SamplingParams,
     chat: bool,
     state: GriffinState | None,
     chunk_size: int,
@@ -714,8 +360,13 @@ def _prepare(
     progress: bool | None,
 ) -> _Generation:
     """Check arguments, encode prompts and set up a `_Generation`."""
-    _check_generate_args(max_new_tokens, temperature, top_k, top_p, min_p, seed)
-    stops = _as_stops(stop)
+    if sampling.prompt_logprobs:
+        raise InputError(
+            "prompt_logprobs is not computed by generate/stream/ChatSession "
+            "(the server reports it with echo); use rgemma.scoring for prompt likelihoods"
+        )
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     prompt_list = _as_prompt_list(prompts)
     prompt_ids = _encode(
         tokenizer,
@@ -728,13 +379,7 @@ def _prepare(
         model,
         tokenizer,
         prompt_ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        seed=seed,
-        stops=stops,
+        sampling=sampling,
         state=state,
         chunk_size=chunk_size,
         return_state=return_state,
@@ -746,19 +391,14 @@ def generate(
     model: torch.nn.Module,
     tokenizer: Any,
     prompts: str | Sequence[Prompt],
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int | None = None,
-    stop: str | Sequence[str] | None = None,
+    *,
+    sampling: SamplingParams | None = None,
     chat: bool = False,
     state: GriffinState | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    *,
     return_state: bool = False,
     progress: bool | None = None,
+    **options: Any,
 ) -> list[GenerationResult]:
     """Generate continuations of a batch of prompts.
 
@@ -769,7 +409,8 @@ def generate(
 
     Each row stops on EOS, on `<end_of_turn>` (when the tokenizer has it), when its
     text contains a stop string, or after `max_new_tokens` tokens; nothing after its
-    stop is in its result.
+    stop is in its result. The batch runs on `rgemma.engine.RowEngine`, as the
+    server's requests do.
 
     Args:
         model: a `Griffin`.
@@ -777,14 +418,12 @@ def generate(
         prompts: a str, a list of str, a list of token-id lists (used as they are: no
             BOS is added), or one flat list of ids. Text gets BOS first (an empty
             string generates from BOS alone), except when continuing from `state`.
-        max_new_tokens: >= 0; 0 returns empty generations.
-        temperature, top_k, top_p, min_p: see `rgemma.sampling.sample`; temperature 0
-            is greedy.
-        seed: None uses torch's global RNG. An int gives row r its own generator
-            seeded `seed + r`, so results are reproducible and row r's tokens do not
-            depend on the other prompts of the batch (same as that prompt alone with
-            `seed + r`, up to float rounding).
-        stop: a stop string or a list of them.
+        sampling: how to sample and stop (`rgemma.sampling.SamplingParams`: length
+            limit, temperature, top-k/top-p/min-p, seed, stop strings, logprobs); None:
+            its defaults (greedy, 256 new tokens). With a seed, row r draws from its
+            own generator seeded `seed + r`, so its tokens do not depend on the other
+            prompts of the batch (same as that prompt alone with `seed + r`, up to
+            float rounding); without one, from torch's global RNG.
         chat: format each text prompt as one user turn of the Gemma chat template
             (`<start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`).
         state: continue from this state (batch size 1, or one row per prompt), e.g.
@@ -793,26 +432,23 @@ def generate(
         chunk_size: prefill chunk length in tokens.
         return_state: put each row's state in its result (see `GenerationResult`).
         progress: prefill progress bar (see `prefill`).
+        **options: `SamplingParams` fields, applied over `sampling` (sugar:
+            `generate(model, tok, "Hi", max_new_tokens=20, temperature=0.8, seed=0)`).
 
     Returns:
         one `GenerationResult` per prompt, in order.
 
     Raises:
         InputError: empty prompt list, a prompt that is neither text nor ids, ids out
-            of range, max_new_tokens < 0, invalid sampling parameters, empty stop
-            strings, a state of another config or batch size.
+            of range, an unknown or invalid sampling option (the message names it),
+            `prompt_logprobs` (not computed here), chunk_size < 1, a state of another
+            config or batch size.
     """
     gen = _prepare(
         model,
         tokenizer,
         prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        seed=seed,
-        stop=stop,
+        sampling=SamplingParams.make(sampling, **options),
         chat=chat,
         state=state,
         chunk_size=chunk_size,
@@ -856,19 +492,14 @@ def stream(
     model: torch.nn.Module,
     tokenizer: Any,
     prompt: Prompt,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int | None = None,
-    stop: str | Sequence[str] | None = None,
+    *,
+    sampling: SamplingParams | None = None,
     chat: bool = False,
     state: GriffinState | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    *,
     return_state: bool = False,
     progress: bool | None = None,
+    **options: Any,
 ) -> TextStream:
     """Generate for ONE prompt, yielding text pieces as they are decoded.
 
@@ -893,13 +524,7 @@ def stream(
         model,
         tokenizer,
         [prompt],
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        seed=seed,
-        stop=stop,
+        sampling=SamplingParams.make(sampling, **options),
         chat=chat,
         state=state,
         chunk_size=chunk_size,
@@ -947,9 +572,9 @@ def prompt_state(
         )[0]
     if not ids:
         raise InputError("prompt_state needs at least one token")
-    device = _device(model)
+    device = model_device(model)
     if state is not None:
-        state = state.to(device, dtype=_dtype(model))
+        state = state.to(device, dtype=activation_dtype(model))
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
     return prefill(model, tokens, None, state, chunk_size=chunk_size, progress=progress)[1]
 
@@ -974,34 +599,31 @@ class ChatSession:
     Args:
         model, tokenizer: as for `generate` (the tokenizer needs the chat pieces).
         system: optional system prompt, folded into the first user turn.
-        **sampling: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p`,
-            `seed` (turn k uses `seed + k`), `stop`, `chunk_size`.
+        sampling: the `SamplingParams` of every reply; with a seed, turn k (from 0)
+            uses `seed + k`.
+        chunk_size: prefill chunk length in tokens.
+        **options: `SamplingParams` fields over `sampling` (sugar, as for `generate`).
 
     Attributes:
         messages: the conversation so far, as `{"role", "content"}` dicts.
         state: the model state after the last reply (None before the first turn).
+        sampling: the session's `SamplingParams`.
+
+    Raises:
+        InputError: a system prompt that is not a str, a tokenizer without the chat
+            pieces, an unknown or invalid sampling option.
     """
 
-    _SAMPLING = (
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "seed",
-        "stop",
-        "chunk_size",
-    )
-
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, system: str | None = None, **sampling: Any
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        system: str | None = None,
+        *,
+        sampling: SamplingParams | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        **options: Any,
     ) -> None:
-        unknown = sorted(set(sampling) - set(self._SAMPLING))
-        if unknown:
-            raise InputError(
-                f"unknown ChatSession option(s): {', '.join(unknown)}; "
-                f"expected some of {', '.join(self._SAMPLING)}"
-            )
         if system is not None and not isinstance(system, str):
             raise InputError(f"system must be a str or None, got {type(system).__name__}")
         if tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None:
@@ -1010,22 +632,8 @@ class ChatSession:
                 "<start_of_turn>/<end_of_turn> pieces: it cannot chat"
             )
         self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.sampling = {
-            "max_new_tokens": 256,
-            "temperature": 0.0,
-            "top_k": 0,
-            "top_p": 1.0,
-            "min_p": 0.0,
-            "seed": None,
-            "stop": None,
-            "chunk_size": DEFAULT_CHUNK_SIZE,
-        }
-        self.sampling.update(sampling)
-        s = self.sampling
-        _check_generate_args(
-            s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], s["min_p"], s["seed"]
-        )
-        _as_stops(s["stop"])
+        self.sampling = SamplingParams.make(sampling, **options)
+        self.chunk_size = chunk_size
         self.reset()
 
     def reset(self) -> None:
@@ -1056,18 +664,19 @@ class ChatSession:
         abandoned early leaves the session as it was before this turn.
         """
         ids = self.turn_ids(user_text)
-        s = dict(self.sampling)
-        if s["seed"] is not None:
-            s["seed"] += self.turns
+        sampling = self.sampling
+        if sampling.seed is not None:
+            sampling = sampling.replace(seed=sampling.seed + self.turns)
         gen = _prepare(
             self.model,
             self.tokenizer,
             [ids],
+            sampling=sampling,
             chat=False,
             state=self.state,
+            chunk_size=self.chunk_size,
             return_state=True,
             progress=None,
-            **s,
         )
         return TextStream(gen, on_done=lambda result: self._commit(user_text, result))
 
@@ -1143,4 +752,4 @@ class ChatSession:
             )
         self.system = meta.get("system")
         self.messages = [dict(m) for m in meta["messages"]]
-        self.state = state.to(_device(self.model), dtype=_dtype(self.model))
+        self.state = state.to(model_device(self.model), dtype=activation_dtype(self.model))

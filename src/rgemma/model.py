@@ -11,6 +11,9 @@ d width, e LRU width, m MLP width, h heads, hd head dim, w window, v vocabulary.
 `segment_pos` (b, t) int: each token's position within its document; 0 starts a
 document (resets the RG-LRU, cuts the Conv1D window, starts a new attention
 segment); -1 marks left padding, which no real token ever sees.
+
+The numeric kernels (RG-LRU scan, Conv1D, local attention, linear) come from
+`rgemma.ops`, each beside its reference and chosen per device.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ from torch import Tensor, nn
 
 from .config import BlockType, GriffinConfig
 from .errors import InputError
-from .scan import linear_scan
+from .ops import conv1d, linear, linear_scan, local_attention
 from .state import AttentionState, GriffinState, RecurrentState, _map, check_state, init_state
 
 LogitsMode = Literal["all", "last", "none"]
+
+#: Local attention runs over queries in chunks of this many tokens, so its logits
+#: are never larger than (chunk x (window + chunk)) per head: memory linear in time.
+ATTENTION_QUERY_CHUNK = 1024
 
 
 # ----------------------------------------------------------------------------------
@@ -50,24 +57,8 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(var + self.eps) * (1.0 + self.scale.float())).to(x.dtype)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)`: x (..., k), weight (n, k) -> (..., n).
-
-    A single row in bfloat16 on CPU (batch-1 decode) goes through `torch.mv`, whose
-    kernel streams a bfloat16 matrix about 20% faster than `F.linear`'s
-    (`benchmarks/gemv_kernels.py`: 25-30 vs 22-24 GB/s here); batch-1 decode is bound
-    by that rate. Any other input is `F.linear`.
-    """
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-        y = torch.mv(weight, x.reshape(-1))
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
-
-
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and state_dict keys) computed with `linear`."""
+    """`nn.Linear` (same parameters and state_dict keys) computed with `ops.linear`."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
@@ -128,7 +119,7 @@ class _SqrtBoundDerivative(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         # d sqrt(x) / dx = 1 / sqrt(4x); clipping 4x below at 1/1000^2 caps it at 1000.
-        return grad / torch.sqrt(torch.clamp(4.0 * x, min=_SqrtBoundDerivative.MAX_GRAD ** -2))
+        return grad / torch.sqrt(torch.clamp(4.0 * x, min=_SqrtBoundDerivative.MAX_GRAD**-2))
 
 
 # ----------------------------------------------------------------------------------
@@ -140,7 +131,8 @@ class Conv1D(nn.Module):
     `out[t] = b + sum_{j=0..k} w[k-j] * x[t-j]`, where the tap j is dropped when it
     would reach across a document start (segment_pos[t] < j). The state carries the
     last k inputs, so any split of a sequence into calls gives the same output.
-    Official: `layers.Conv1D` (weight `w` of shape (k+1, e)).
+    Official: `layers.Conv1D` (weight `w` of shape (k+1, e)). Computed by
+    `ops.conv1d`.
     """
 
     def __init__(self, width: int, temporal_width: int, device=None, dtype=None):
@@ -151,14 +143,22 @@ class Conv1D(nn.Module):
 
     def forward(self, x: Tensor, segment_pos: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
         """x: (b, t, e); segment_pos: (b, t); conv_state: (b, k, e) -> (out, new state)."""
-        k = self.temporal_width - 1
-        ctx = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (b, k + t, e)
-        windows = ctx.unfold(1, k + 1, 1)  # (b, t, e, k + 1): [..., j] = x[t - (k - j)]
-        # w[j] multiplies x[t - (k - j)]; that tap is kept iff segment_pos[t] >= k - j.
-        reach = torch.arange(k, -1, -1, device=x.device)  # (k + 1,): k - j
-        keep = (segment_pos[..., None] >= reach).to(x.dtype)  # (b, t, k + 1)
-        out = (windows * (keep[:, :, None, :] * self.w.T)).sum(-1)  # (b, t, e)
-        return out + self.b, ctx[:, -k:]
+        return conv1d(x, segment_pos, conv_state, self.w, self.b)
+
+
+def init_rg_lru_a_param(param: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Fill `param` (any shape, device, dtype) with the official RG-LRU initialisation.
+
+    The decay at full gate, `a = exp(-softplus(a_param))`, has a^2 uniform in
+    [0.9^2, 0.999^2]: `a_param = log(exp(-0.5 * log(u)) - 1)`, u ~ U(0.81, 0.998).
+    Drawn in float32 on the CPU from `generator`, so a seed gives the same values on
+    any device. Official: `recurrentgemma.torch.layers.rnn_param_init(min_rad=0.9,
+    max_rad=0.999)`. Returns `param`, filled in place.
+    """
+    u = torch.rand(param.shape, generator=generator) * (0.999**2 - 0.9**2) + 0.9**2
+    with torch.no_grad():
+        param.copy_(torch.log(torch.expm1(-0.5 * torch.log(u))))
+    return param
 
 
 class RGLRU(nn.Module):
@@ -169,7 +169,8 @@ class RGLRU(nn.Module):
         h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (gate_x * x_t)
 
     and at a document start (segment_pos == 0): a = 0, multiplier 1. Gates and
-    recurrence run in float32 whatever the activation dtype.
+    recurrence run in float32 whatever the activation dtype; the recurrence is
+    `ops.linear_scan`. `a_param` is initialised by `init_rg_lru_a_param`.
     """
 
     def __init__(self, width: int, num_heads: int, device=None, dtype=None):
@@ -177,7 +178,6 @@ class RGLRU(nn.Module):
         self.a_param = nn.Parameter(torch.empty(width, device=device, dtype=dtype))
         self.input_gate = BlockDiagonalLinear(width, num_heads, device=device, dtype=dtype)
         self.a_gate = BlockDiagonalLinear(width, num_heads, device=device, dtype=dtype)
-        self.scan_impl = "auto"
 
     def forward(self, x: Tensor, segment_pos: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
         """x: (b, t, e); segment_pos: (b, t); h0: (b, e) float32 -> (y (b, t, e), h_last)."""
@@ -194,7 +194,7 @@ class RGLRU(nn.Module):
         a = a.masked_fill(reset, 0.0)
         multiplier = multiplier.masked_fill(reset, 1.0)
         normed_x = x.float() * gate_x * multiplier
-        y, h_last = linear_scan(a, normed_x, h0, impl=self.scan_impl)
+        y, h_last = linear_scan(a, normed_x, h0)
         return y.to(x.dtype), h_last
 
 
@@ -206,15 +206,16 @@ class RecurrentBlock(nn.Module):
     def __init__(self, config: GriffinConfig, device=None, dtype=None):
         super().__init__()
         d, e = config.width, config.lru_width
-        kw = dict(device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype}
         self.linear_y = Linear(d, e, **kw)
         self.linear_x = Linear(d, e, **kw)
         self.linear_out = Linear(e, d, **kw)
         self.conv_1d = Conv1D(e, config.conv1d_temporal_width, **kw)
         self.rg_lru = RGLRU(e, config.num_heads, **kw)
 
-    def forward(self, x: Tensor, segment_pos: Tensor, state: RecurrentState
-                ) -> tuple[Tensor, RecurrentState]:
+    def forward(
+        self, x: Tensor, segment_pos: Tensor, state: RecurrentState
+    ) -> tuple[Tensor, RecurrentState]:
         y = F.gelu(self.linear_y(x), approximate="tanh")  # (b, t, e)
         x, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv)
         x, h = self.rg_lru(x, segment_pos, state.rg_lru)
@@ -229,7 +230,7 @@ def apply_rope(x: Tensor, positions: Tensor, max_wavelength: float = 10_000.0) -
     rope_dim = x.shape[-1] // 2
     x_rope, x_pass = x[..., :rope_dim], x[..., rope_dim:]
     freq_exponents = 2.0 * torch.arange(rope_dim // 2, device=x.device) / rope_dim
-    inv_freq = 1.0 / (max_wavelength ** freq_exponents)  # (rope_dim / 2,)
+    inv_freq = 1.0 / (max_wavelength**freq_exponents)  # (rope_dim / 2,)
     pos = positions.reshape(*positions.shape, *([1] * (x.ndim - 2)))  # (b, t, 1.., 1)
     angles = pos.to(torch.float32) * inv_freq  # (b, t, ..., rope_dim / 2)
     sin, cos = torch.sin(angles), torch.cos(angles)
@@ -238,49 +239,19 @@ def apply_rope(x: Tensor, positions: Tensor, max_wavelength: float = 10_000.0) -
     return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
 
 
-def local_attention(
-    q: Tensor, k: Tensor, v: Tensor,
-    q_pos: Tensor, k_pos: Tensor, q_doc: Tensor, k_doc: Tensor,
-    window: int, self_offset: int,
-) -> Tensor:
-    """Multi-query attention of t queries over s keys with the local-window mask.
-
-    A query sees a key iff both are in the same document (`doc`), the key is valid
-    (pos >= 0), not in the future, and at most `window` positions back: it sees
-    itself and the `window` tokens before it (window + 1 keys), as the official mask
-    `q_pos - k_pos <= window`. Query i always sees key `self_offset + i` (itself), so
-    padded queries never produce NaN.
-
-    q: (b, t, h, hd), pre-scaled; k, v: (b, s, hd); q_pos, q_doc: (b, t);
-    k_pos, k_doc: (b, s). Returns (b, t, h, hd). Logits are (b, t, h, s), softmax
-    in float32. Official: `modules.LocalAttentionBlock.forward`.
-    """
-    b, t, h, hd = q.shape
-    s = k.shape[1]
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # (b, t, 1), (b, 1, s)
-    mask = (kp >= 0) & (q_doc[:, :, None] == k_doc[:, None, :]) & (kp <= qp) & (qp - kp <= window)
-    diag = torch.arange(t, device=q.device)
-    mask[:, diag, diag + self_offset] = True  # (b, t, s)
-    # One key/value head: all heads' queries form one matrix, no transposes needed.
-    logits = torch.bmm(q.reshape(b, t * h, hd), k.transpose(1, 2))  # (b, t*h, s)
-    logits = logits.view(b, t, h, s).float()
-    logits = logits.masked_fill(~mask[:, :, None, :], torch.finfo(torch.float32).min)
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)  # (b, t, h, s)
-    return torch.bmm(probs.view(b, t * h, s), v).view(b, t, h, hd)
-
-
 class LocalAttentionBlock(nn.Module):
     """Local multi-query attention (one key/value head) with RoPE.
 
     Official: `modules.LocalAttentionBlock`. Long inputs are processed in query
-    chunks of `chunk_size`, so the attention logits are never larger than
-    (chunk_size x (window + chunk_size)) per head: memory is linear in t.
+    chunks of `ATTENTION_QUERY_CHUNK` tokens, so the attention logits are never larger
+    than (chunk x (window + chunk)) per head: memory is linear in t. The attention
+    itself (mask, softmax) is `ops.local_attention`.
     """
 
     def __init__(self, config: GriffinConfig, device=None, dtype=None):
         super().__init__()
         d, hd = config.width, config.head_dim
-        kw = dict(device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype}
         self.num_heads, self.head_dim = config.num_heads, hd
         self.window = config.attention_window_size
         self.rope_max_wavelength = config.rope_max_wavelength
@@ -288,31 +259,34 @@ class LocalAttentionBlock(nn.Module):
         self.proj_k = Linear(d, hd, bias=False, **kw)
         self.proj_v = Linear(d, hd, bias=False, **kw)
         self.proj_final = Linear(d, d, bias=True, **kw)
-        self.chunk_size = 1024
 
-    def forward(self, x: Tensor, segment_pos: Tensor, state: AttentionState
-                ) -> tuple[Tensor, AttentionState]:
+    def forward(
+        self, x: Tensor, segment_pos: Tensor, state: AttentionState
+    ) -> tuple[Tensor, AttentionState]:
         b, t, _ = x.shape
         q = self.proj_q(x).view(b, t, self.num_heads, self.head_dim)  # (b, t, h, hd)
-        q = apply_rope(q, segment_pos, self.rope_max_wavelength) * self.head_dim ** -0.5
+        q = apply_rope(q, segment_pos, self.rope_max_wavelength) * self.head_dim**-0.5
         k = apply_rope(self.proj_k(x), segment_pos, self.rope_max_wavelength)  # (b, t, hd)
         v = self.proj_v(x)  # (b, t, hd)
         # Document index of each new token: 0 continues the state's document.
         doc = torch.cumsum((segment_pos == 0).long(), dim=1)  # (b, t)
 
-        cache_k, cache_v, cache_pos = state.keys.to(k.dtype), state.values.to(v.dtype), state.positions
+        cache_k, cache_v = state.keys.to(k.dtype), state.values.to(v.dtype)  # (b, w, hd)
+        cache_pos = state.positions  # (b, w)
         cache_doc = torch.zeros_like(cache_pos)
         outs = []
-        for start in range(0, t, self.chunk_size):
-            sl = slice(start, min(t, start + self.chunk_size))
+        for start in range(0, t, ATTENTION_QUERY_CHUNK):
+            sl = slice(start, min(t, start + ATTENTION_QUERY_CHUNK))
+            q_pos, q_doc = segment_pos[:, sl], doc[:, sl]
             ctx_k = torch.cat([cache_k, k[:, sl]], dim=1)  # (b, s, hd)
             ctx_v = torch.cat([cache_v, v[:, sl]], dim=1)
-            ctx_pos = torch.cat([cache_pos, segment_pos[:, sl]], dim=1)  # (b, s)
-            ctx_doc = torch.cat([cache_doc, doc[:, sl]], dim=1)
-            outs.append(local_attention(
-                q[:, sl], ctx_k, ctx_v, segment_pos[:, sl], ctx_pos, doc[:, sl], ctx_doc,
-                self.window, self_offset=cache_k.shape[1],
-            ))
+            ctx_pos = torch.cat([cache_pos, q_pos], dim=1)  # (b, s)
+            ctx_doc = torch.cat([cache_doc, q_doc], dim=1)
+            offset = cache_k.shape[1]  # query i is key offset + i
+            chunk_out = local_attention(
+                q[:, sl], ctx_k, ctx_v, q_pos, ctx_pos, q_doc, ctx_doc, self.window, offset
+            )
+            outs.append(chunk_out)  # (b, chunk, h, hd)
             keep = min(self.window, ctx_k.shape[1])
             cache_k, cache_v = ctx_k[:, -keep:], ctx_v[:, -keep:]
             cache_pos, cache_doc = ctx_pos[:, -keep:], ctx_doc[:, -keep:]
@@ -346,7 +320,7 @@ class MLPBlock(nn.Module):
 
     def __init__(self, width: int, expanded_width: int, device=None, dtype=None):
         super().__init__()
-        kw = dict(device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype}
         self.ffw_up = nn.Module()
         self.ffw_up.w = nn.Parameter(torch.empty(2, expanded_width, width, **kw))
         self.ffw_up.b = nn.Parameter(torch.zeros(2, 1, 1, expanded_width, **kw))
@@ -376,8 +350,10 @@ def _mlp_up_from_official(module, state_dict, prefix, *args) -> None:
     """
     key = prefix + "ffw_up.w"
     w = state_dict.get(key)
-    if isinstance(w, Tensor) and w.ndim == 3 and tuple(w.shape) == tuple(
-        module.ffw_up.w.shape[i] for i in (0, 2, 1)
+    if (
+        isinstance(w, Tensor)
+        and w.ndim == 3
+        and tuple(w.shape) == tuple(module.ffw_up.w.shape[i] for i in (0, 2, 1))
     ):
         state_dict[key] = w.transpose(1, 2).contiguous()
 
@@ -387,7 +363,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, config: GriffinConfig, block_type: BlockType, device=None, dtype=None):
         super().__init__()
-        kw = dict(device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype}
         self.block_type = block_type
         self.temporal_pre_norm = RMSNorm(config.width, **kw)
         if block_type == BlockType.RECURRENT:
@@ -436,7 +412,7 @@ class Griffin(nn.Module):
     def __init__(self, config: GriffinConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
-        kw = dict(device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype}
         self.embedder = Embedder(config.vocab_size, config.width, config.embedding_scale, **kw)
         self.blocks = nn.ModuleList(ResidualBlock(config, bt, **kw) for bt in config.block_types)
         self.final_norm = RMSNorm(config.width, **kw)
@@ -449,7 +425,7 @@ class Griffin(nn.Module):
     def reset_parameters(self, seed: int | None = None) -> None:
         """Random initialisation following the official recipe's scales (variance
         scaling by fan-in; output projections scaled by 2 / num_layers; RG-LRU
-        `a` so that a^c is uniform in [0.9, 0.999])."""
+        `a_param` by `init_rg_lru_a_param`)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         cfg = self.config
         out_scale = 2.0 / cfg.num_layers
@@ -460,7 +436,7 @@ class Griffin(nn.Module):
         normal_(self.embedder.input_embedding, 1.0 / math.sqrt(cfg.width))
         for block in self.blocks:
             for name, p in block.named_parameters():
-                if p.ndim == 1 or name.endswith("ffw_up.b") or name.endswith(".b"):
+                if p.ndim == 1 or name.endswith(".b"):  # biases (ffw_up.b is 4-D)
                     p.zero_()
             mlp = block.mlp_block
             # Drawn in the official (2, d, m) order, so a seed gives the same model as before.
@@ -477,9 +453,7 @@ class Griffin(nn.Module):
                 bw = cfg.lru_width // cfg.num_heads
                 normal_(tb.rg_lru.input_gate.w, 1.0 / math.sqrt(bw))
                 normal_(tb.rg_lru.a_gate.w, 1.0 / math.sqrt(bw))
-                u = torch.rand(cfg.lru_width, generator=gen) * (0.999**2 - 0.9**2) + 0.9**2
-                a_real = 0.5 * torch.log(u)
-                tb.rg_lru.a_param.copy_(torch.log(torch.expm1(-a_real)))
+                init_rg_lru_a_param(tb.rg_lru.a_param, gen)
             else:
                 for lin in (tb.proj_q, tb.proj_k, tb.proj_v):
                     normal_(lin.weight, 1.0 / math.sqrt(cfg.width))
@@ -492,8 +466,9 @@ class Griffin(nn.Module):
 
     def state_nbytes(self, batch_size: int = 1) -> int:
         """Bytes of the state for `batch_size` rows (fixed, whatever the length)."""
-        return init_state(self.config, batch_size, device="meta",
-                          dtype=self.embedder.input_embedding.dtype).nbytes()
+        return init_state(
+            self.config, batch_size, device="meta", dtype=self.embedder.input_embedding.dtype
+        ).nbytes()
 
     # ------------------------------------------------------------------------------
     def _check_inputs(self, tokens: Tensor, segment_pos: Tensor | None) -> None:
@@ -503,8 +478,10 @@ class Griffin(nn.Module):
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise InputError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
         if 0 in tokens.shape:
-            raise InputError(f"tokens must have at least one row and one time step, "
-                             f"got shape {tuple(tokens.shape)}")
+            raise InputError(
+                f"tokens must have at least one row and one time step, "
+                f"got shape {tuple(tokens.shape)}"
+            )
         if tokens.numel():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.config.vocab_size:
@@ -522,12 +499,16 @@ class Griffin(nn.Module):
             if segment_pos.is_floating_point() or segment_pos.dtype == torch.bool:
                 raise InputError(f"segment_pos must be an integer tensor, got {segment_pos.dtype}")
             if bool((segment_pos < -1).any()):
-                raise InputError(f"segment_pos must be >= -1 (-1 marks left padding), "
-                                 f"got {int(segment_pos.min())}")
+                raise InputError(
+                    f"segment_pos must be >= -1 (-1 marks left padding), "
+                    f"got {int(segment_pos.min())}"
+                )
             if segment_pos.shape[1] > 1:
                 pad_after_token = (segment_pos[:, 1:] < 0) & (segment_pos[:, :-1] >= 0)
                 if bool(pad_after_token.any()):
-                    raise InputError("segment_pos -1 (padding) may only appear at the left of a row")
+                    raise InputError(
+                        "segment_pos -1 (padding) may only appear at the left of a row"
+                    )
 
     def forward(
         self,

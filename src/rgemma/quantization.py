@@ -4,11 +4,12 @@ Linear and embedding weights become int8 with one float scale per output channel
 (symmetric, absmax / 127). What the official maintainers warn needs care stays in
 float32: the RG-LRU parameters and its recurrence, the Conv1D, the norms, biases.
 
-Decode (few rows) runs `torch._weight_int8pack_mm` (int8 weights, bfloat16
-activations), which reads a quarter of the bytes of float32 weights: batch-1 decode
-is memory-bound, so that is the speed-up. Many rows (prefill) dequantize the weight
-to the activation dtype once per call and use a dense matmul, which is faster on
-CPUs without native bfloat16 matmul.
+The products are `rgemma.ops.int8_matmul`: on CPU, decode (few rows) runs
+`torch._weight_int8pack_mm` (int8 weights, bfloat16 activations), which reads a
+quarter of the bytes of float32 weights: batch-1 decode is memory-bound, so that is
+the speed-up. Many rows (prefill) dequantize the weight to the activation dtype once
+per call and use a dense matmul, which is faster on CPUs without native bfloat16
+matmul.
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .model import Embedder, Griffin, MLPBlock
-
-# Up to this many rows per call, use the int8 kernel; above, dequantize.
-_INT8_KERNEL_MAX_ROWS = 16
-
-
-def _has_int8_kernel() -> bool:
-    return hasattr(torch, "_weight_int8pack_mm")
+from .ops import int8_matmul
 
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,35 +36,11 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     scale = torch.empty(n, dtype=torch.float32, device=weight.device)
     step = max(1, (1 << 24) // max(1, weight.shape[1]))  # rows per chunk: ~64 MB of float32
     for i in range(0, n, step):  # chunked, so a 256k-row embedding needs no full copy
-        w = weight[i:i + step].detach().float()
+        w = weight[i : i + step].detach().float()
         s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q[i:i + step] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-        scale[i:i + step] = s
+        q[i : i + step] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[i : i + step] = s
     return q, scale
-
-
-def int8_matmul(x: Tensor, q: Tensor, scale: Tensor, scale_bf16: Tensor | None = None) -> Tensor:
-    """`x @ (q * scale[:, None]).T` for x (..., k), q (n, k) int8 -> (..., n) in x.dtype.
-
-    `scale_bf16`: the scales already in bfloat16 for the int8 kernel (a dtype cast of
-    a constant inside the kernel's arguments does not compile with torch.compile).
-    """
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    # The kernel reads out of bounds unless k is a multiple of 16 (torch 2.13: inf/NaN
-    # or a segfault for k = 24, 40, 72), so other widths take the dense path.
-    if (
-        x2.shape[0] <= _INT8_KERNEL_MAX_ROWS
-        and k % 16 == 0
-        and _has_int8_kernel()
-        and x.device.type == "cpu"
-    ):
-        if scale_bf16 is None or scale_bf16.dtype != torch.bfloat16:  # e.g. after .float()
-            scale_bf16 = scale.to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scale_bf16)
-        return y.to(x.dtype).reshape(*lead, -1)
-    w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
-    return (x2 @ w.T).reshape(*lead, -1)
 
 
 class Int8Linear(nn.Module):

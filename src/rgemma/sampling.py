@@ -17,8 +17,10 @@ The official samplers (`recurrentgemma/torch/sampler.py`) are greedy only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +28,7 @@ from torch import Tensor
 from .errors import InputError
 
 __all__ = [
+    "SamplingParams",
     "apply_temperature",
     "greedy",
     "make_generators",
@@ -68,6 +71,124 @@ def validate_sampling(
         raise InputError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p!r}")
     if not _is_number(min_p) or not 0.0 <= min_p <= 1.0:
         raise InputError(f"min_p must be in [0, 1] (0 = no min-p filter), got {min_p!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one generation samples, stops and reports: made once, passed down.
+
+    `generate`, `stream`, `ChatSession`, the CLI and the server all take one of these
+    (their sampling keyword arguments are sugar that builds it); the row engine reads
+    it for every row. The pattern is mlx-lm's `make_sampler` / vLLM's `SamplingParams`.
+
+    Attributes:
+        max_new_tokens: most tokens generated per row (>= 0; 0 only prefills). The
+            OpenAI server maps `max_tokens` to it.
+        temperature: >= 0; 0 = greedy (argmax; top_k/top_p/min_p are then ignored).
+        top_k: keep the k most likely tokens (0 = all; 1 = greedy).
+        top_p: nucleus mass in (0, 1] (1 = all).
+        min_p: drop tokens less likely than `min_p * p_max`, in [0, 1] (0 = none).
+        seed: None draws from torch's global RNG; an int gives row r of a batch its
+            own generator seeded `seed + r` (see `make_generators`).
+        stop: stop strings (a str is taken as one); the text is cut before the first.
+        logprobs: number of alternatives to report per sampled token (None: no
+            logprobs; 0: only the sampled token's). Natural log, before temperature.
+        prompt_logprobs: also report the logprob of every prompt token.
+
+    Raises:
+        InputError: a field out of range or of the wrong type (the message names it).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise InputError(f"max_new_tokens must be an int >= 0, got {n!r}")
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool)
+        ):
+            raise InputError(f"seed must be an int or None, got {self.seed!r}")
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, Sequence):
+            stop = tuple(stop)
+        else:
+            raise InputError(f"stop must be a str or a list of str, got {type(stop).__name__}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise InputError(f"stop strings must be non-empty str, got {s!r}")
+        object.__setattr__(self, "stop", stop)
+        lp = self.logprobs
+        if lp is not None and (not isinstance(lp, int) or isinstance(lp, bool) or lp < 0):
+            raise InputError(f"logprobs must be None or an int >= 0, got {lp!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is argmax (temperature 0 or top_k 1)."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def sampler_key(self) -> tuple:
+        """What decides the draw from given logits (not the seed): rows with equal
+        keys can be sampled in one call of `sample_rows`. ("greedy",) when greedy."""
+        if self.greedy:
+            return ("greedy",)
+        return (self.temperature, self.top_k, self.top_p, self.min_p)
+
+    def sample_rows(self, logits: Tensor, generator: Generators = None) -> Tensor:
+        """Draw one token per row with these parameters: `sample(logits, ...)`.
+
+        Args:
+            logits: (b, v) float.
+            generator: see `sample` (None, one, or one per row).
+
+        Returns:
+            (b,) int64 on the logits' device.
+        """
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.min_p, generator)
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def make(
+        cls, sampling: SamplingParams | Mapping[str, Any] | None = None, **options: Any
+    ) -> SamplingParams:
+        """`sampling` (or the defaults) with keyword `options` on top.
+
+        The public functions' sampling keyword arguments go through here.
+
+        Raises:
+            InputError: an unknown option name, or an invalid value.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise InputError(
+                f"unknown sampling option(s): {', '.join(unknown)}; "
+                f"expected some of {', '.join(sorted(fields))}"
+            )
+        if sampling is None:
+            return cls(**options)
+        if isinstance(sampling, Mapping):
+            return cls.make(None, **{**sampling, **options})
+        if not isinstance(sampling, SamplingParams):
+            raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        return dataclasses.replace(sampling, **options) if options else sampling
 
 
 def greedy(logits: Tensor) -> Tensor:

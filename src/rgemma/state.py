@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ class AttentionState(NamedTuple):
     positions: Tensor  # (b, w) int64 segment_pos of each key; -1 = empty / not visible
 
 
-BlockState = Union[RecurrentState, AttentionState]
+BlockState = RecurrentState | AttentionState
 
 
 class GriffinState(NamedTuple):
@@ -65,8 +65,24 @@ class GriffinState(NamedTuple):
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.next_pos.device)
         return _map(self, lambda t: t.index_select(0, idx))
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-           ) -> GriffinState:
+    def head(self, n: int) -> GriffinState:
+        """The first n rows, as views (no copy)."""
+        return _map(self, lambda t: t[:n])
+
+    def expand(self, n: int) -> GriffinState:
+        """A batch-1 state's row repeated n times, as views (no copy; `concat_states`
+        or `select` makes a copy to write to).
+
+        Raises:
+            InputError: the state's batch size is not 1.
+        """
+        if self.batch_size != 1:
+            raise InputError(f"expand needs a state of batch size 1, got {self.batch_size}")
+        return _map(self, lambda t: t.expand(n, *t.shape[1:]))
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> GriffinState:
         """Move to a device; `dtype` converts the activation-dtype tensors (conv inputs,
         keys, values), never the float32 RG-LRU state nor the int64 positions."""
 
@@ -79,8 +95,9 @@ class GriffinState(NamedTuple):
             blocks=tuple(
                 RecurrentState(s.rg_lru.to(device) if device else s.rg_lru, move(s.conv))
                 if isinstance(s, RecurrentState)
-                else AttentionState(move(s.keys), move(s.values),
-                                    s.positions.to(device) if device else s.positions)
+                else AttentionState(
+                    move(s.keys), move(s.values), s.positions.to(device) if device else s.positions
+                )
                 for s in self.blocks
             ),
             next_pos=self.next_pos.to(device) if device else self.next_pos,
@@ -112,17 +129,23 @@ def init_state(
     k = config.conv1d_temporal_width - 1
     for block in config.block_types:
         if block == BlockType.RECURRENT:
-            blocks.append(RecurrentState(
-                rg_lru=torch.zeros(batch_size, config.lru_width, dtype=torch.float32, device=device),
-                conv=torch.zeros(batch_size, k, config.lru_width, dtype=dtype, device=device),
-            ))
+            blocks.append(
+                RecurrentState(
+                    rg_lru=torch.zeros(
+                        batch_size, config.lru_width, dtype=torch.float32, device=device
+                    ),
+                    conv=torch.zeros(batch_size, k, config.lru_width, dtype=dtype, device=device),
+                )
+            )
         else:
             w, hd = config.attention_window_size, config.head_dim
-            blocks.append(AttentionState(
-                keys=torch.zeros(batch_size, w, hd, dtype=dtype, device=device),
-                values=torch.zeros(batch_size, w, hd, dtype=dtype, device=device),
-                positions=torch.full((batch_size, w), -1, dtype=torch.long, device=device),
-            ))
+            blocks.append(
+                AttentionState(
+                    keys=torch.zeros(batch_size, w, hd, dtype=dtype, device=device),
+                    values=torch.zeros(batch_size, w, hd, dtype=dtype, device=device),
+                    positions=torch.full((batch_size, w), -1, dtype=torch.long, device=device),
+                )
+            )
     return GriffinState(tuple(blocks), torch.zeros(batch_size, dtype=torch.long, device=device))
 
 
@@ -141,8 +164,10 @@ def check_state(state: GriffinState, config: GriffinConfig, batch_size: int) -> 
     expected = init_state(config, batch_size, device="meta")
     for i, (got, want) in enumerate(zip(state.blocks, expected.blocks)):
         if type(got) is not type(want):
-            raise InputError(f"state block {i} is a {type(got).__name__}, the model's is a "
-                             f"{type(want).__name__}: the state is from another config")
+            raise InputError(
+                f"state block {i} is a {type(got).__name__}, the model's is a "
+                f"{type(want).__name__}: the state is from another config"
+            )
         for name, g, w in zip(want._fields, got, want):
             if tuple(g.shape) != tuple(w.shape):
                 raise InputError(
@@ -152,7 +177,14 @@ def check_state(state: GriffinState, config: GriffinConfig, batch_size: int) -> 
 
 
 def concat_states(states: Sequence[GriffinState]) -> GriffinState:
-    """Stack the rows of several states into one batch (in order)."""
+    """Stack the rows of several states into one batch, in order: one new contiguous
+    tensor per field, whatever the inputs (views such as `head` and `expand` are
+    copied once). Used by batched generation from a state and by the server's
+    running batch when rows join it.
+
+    Raises:
+        InputError: no states.
+    """
     if not states:
         raise InputError("concat_states needs at least one state")
     first = states[0]
@@ -198,8 +230,8 @@ def load_state(
     try:
         with safe_open(path, framework="pt", device=device or "cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{path!r} is not a readable state file: {err}") from None
     if meta.get("format") != "rgemma-state":
         raise CheckpointError(f"{path!r} is a safetensors file but not an rgemma state")

@@ -33,8 +33,9 @@ __all__ = [
     "train_tokenizer",
 ]
 
-#: The bundled demo model's tokenizer (vocab 4096, trained by scripts/train_tokenizer.sh).
-BUNDLED_TOKENIZER_PATH = Path(__file__).parent / "assets" / "tokenizer.model"
+#: The bundled model's tokenizer (vocab 4096, trained by scripts/train_tokenizer.sh),
+#: shipped beside its weights in `rgemma/assets/bundled/`.
+BUNDLED_TOKENIZER_PATH = Path(__file__).parent / "assets" / "bundled" / "tokenizer.model"
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
@@ -384,10 +385,6 @@ class StreamDecoder:
         """
         self._ids.extend(self.tokenizer._check_ids([token_id]))
         return self._emit(len(self._ids) - self._held())
-
-    def push_many(self, ids: Iterable[int]) -> str:
-        """Add several ids; return the text now safe to print."""
-        return "".join(self.push(i) for i in self.tokenizer._check_ids(ids))
 
     def flush(self) -> str:
         """Return whatever is held back (an incomplete character decodes to U+FFFD)."""

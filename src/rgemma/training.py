@@ -14,7 +14,8 @@ config) and fine-tuning any checkpoint `load_model` reads (`init_from`):
   official fine-tuning recipe (`recurrentgemma` colab `finetuning_tutorial`);
   linear warm-up then cosine decay to `min_lr`; global gradient-norm clipping;
   gradient accumulation; optional bfloat16 autocast and activation checkpointing;
-* evaluation: held-out loss, perplexity and bits per byte every `eval_every` steps;
+* evaluation: held-out loss, perplexity and bits per byte every `eval_every` steps,
+  validation documents scored whole over the model's state (`rgemma.scoring`);
 * logging: a tqdm bar (loss, tokens/s, ETA) and `out_dir/metrics.jsonl`;
 * checkpoints: `out_dir/checkpoints/step_XXXXXXX/`, each written into a temporary
   directory and renamed into place (`io.atomic_dir`), so a kill at any moment
@@ -46,8 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
-import glob
 import json
 import math
 import os
@@ -57,7 +56,7 @@ import shutil
 import sys
 import time
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +65,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import GriffinConfig, griffin_pattern
+from .config import GriffinConfig, config_diff, griffin_pattern
+from .device import resolve_device
 from .errors import CheckpointError, ConfigError, InputError, RgemmaError
 from .io import atomic_dir, atomic_path
+from .scoring import Score, score_documents
 
 __all__ = [
     "TrainConfig",
@@ -122,7 +123,7 @@ class TrainConfig:
             if given it must match the checkpoint.
         init_from: fine-tune from this checkpoint (official `.pt`, HF or rgemma dir).
         tokenizer: SentencePiece `tokenizer.model`; default: the one beside
-            `init_from`, else the bundled one (`rgemma/assets/tokenizer.model`).
+            `init_from`, else the bundled one (`rgemma/assets/bundled/tokenizer.model`).
         train_data: files, directories (searched for `*.txt`, `*.jsonl`) and globs.
         val_data: held-out files; when empty, `val_fraction` of the training
             documents are held out (chosen by a hash of their content).
@@ -153,7 +154,9 @@ class TrainConfig:
         save_every: checkpoint every this many steps (0: only at the end).
         keep_last: how many step checkpoints to keep (>= 1).
         eval_every: evaluate every this many steps (0: only at the end).
-        eval_batches: at most this many validation batches (None: all of them).
+        eval_batches: the evaluation's budget: validation documents are scored
+            whole (`evaluate`), up to `eval_batches * batch_size * seq_len` tokens
+            (None: all of them).
         log_every: log the training loss every this many steps.
         resume: continue from the newest complete checkpoint in `out_dir` (a fresh
             start if there is none).
@@ -446,24 +449,6 @@ def model_config_from(spec: str | Mapping[str, Any]) -> GriffinConfig:
     return GriffinConfig.from_dict(data)
 
 
-def _plain(value: Any) -> Any:
-    """`value` with enums replaced by their values (for messages)."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def config_diff(a: GriffinConfig, b: GriffinConfig) -> list[str]:
-    """Names of the `GriffinConfig` fields where `a` and `b` differ, with both values."""
-    return [
-        f"{f.name} ({_plain(getattr(a, f.name))!r} vs {_plain(getattr(b, f.name))!r})"
-        for f in dataclasses.fields(a)
-        if getattr(a, f.name) != getattr(b, f.name)
-    ]
-
-
 # ----------------------------------------------------------------------------------
 # Optimiser, schedule, loss
 # ----------------------------------------------------------------------------------
@@ -554,59 +539,79 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
-    dataset: Any,
+    documents: Any,
     *,
-    max_batches: int | None = None,
+    max_tokens: int | None = None,
     byte_lengths: Tensor | None = None,
-    device: torch.device | str = "cpu",
+    chunk_size: int = 1024,
+    batch_size: int = 1,
     bf16: bool = False,
 ) -> dict[str, float]:
-    """Held-out loss over the first `max_batches` batches of `dataset`.
+    """Held-out loss: validation documents scored whole over the model's state.
+
+    Each document is scored from its `<bos>` on, in chunks of `chunk_size` tokens,
+    by `rgemma.scoring` (the scorer of `scripts/eval_bundled.py` and `rgemma eval`),
+    on the tokens it trains on (`TokenizedDocument.trainable`: every token of a
+    text, only completions or model turns of fine-tuning data). Unlike the packed
+    training sequences, no document is cut at `seq_len`: the figure is the model's
+    perplexity on whole documents.
 
     Args:
         model: a `Griffin` (put in eval mode for the call, then restored).
-        dataset: a `data.PackedDataset` (its `batch(i)` and `len()` are used; its
-            iteration position is not touched).
-        max_batches: at most this many batches (None: all).
+        documents: a validation `data.PackedDataset` (its `docs` are scored; its
+            iteration position is not touched) or a list of `TokenizedDocument`.
+        max_tokens: score at most this many tokens: documents in order, the last
+            one cut to fit (None: all).
         byte_lengths: `token_byte_lengths(tokenizer)`, to report bits per byte.
-        device: where the model is.
-        bf16: evaluate under bfloat16 autocast.
+        chunk_size: tokens per forward call per document.
+        batch_size: documents scored together.
+        bf16: evaluate under bfloat16 autocast (on the model's device).
 
     Returns:
-        `val_loss` (nats per target token), `val_ppl` (exp of it), `val_tokens`,
-        and `val_bpb` (total nats / ln 2 / total UTF-8 bytes of the targets) when
+        `val_loss` (nats per scored token), `val_ppl` (exp of it), `val_tokens`, and
+        `val_bpb` (total nats / ln 2 / total UTF-8 bytes of the scored tokens) when
         `byte_lengths` is given.
     """
-    device = torch.device(device)
+    docs = list(getattr(documents, "docs", documents))
+    if max_tokens is not None:
+        kept, budget = [], max_tokens
+        for d in docs:
+            if budget <= 0:
+                break
+            if len(d.tokens) - 1 > budget:
+                d = type(d)(d.tokens[: budget + 1], d.trainable[: budget + 1])
+            kept.append(d)
+            budget -= len(d.tokens) - 1
+        docs = kept
+    num_bytes = None
+    if byte_lengths is not None:
+        num_bytes = [
+            int(byte_lengths[torch.from_numpy(d.tokens[d.trainable].astype(np.int64))].sum())
+            for d in docs
+        ]
+    device = next(model.parameters()).device
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     was_training = model.training
     model.eval()
-    n = len(dataset) if max_batches is None else min(len(dataset), max_batches)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    nbytes = torch.zeros((), dtype=torch.float64)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     try:
-        for i in range(n):
-            batch = dataset.batch(i)
-            tokens = batch.tokens.to(device)
-            with ctx:
-                logits, _ = model(tokens, batch.segment_pos.to(device), validate=False)
-            s, c = masked_loss(logits, batch.targets.to(device), batch.loss_mask.to(device))
-            total += s.double()
-            count += c.double()
-            if byte_lengths is not None:
-                mask = batch.loss_mask > 0
-                nbytes += byte_lengths[batch.targets[mask]].sum()
+        with ctx:
+            scores = score_documents(
+                model,
+                [d.tokens for d in docs],
+                masks=[d.trainable for d in docs],
+                num_bytes=num_bytes,
+                chunk_size=chunk_size,
+                batch_size=batch_size,
+            )
     finally:
         model.train(was_training)
-    total_f, count_f = float(total), float(count)
-    loss = total_f / max(count_f, 1.0)
-    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(count_f)}
-    if byte_lengths is not None and float(nbytes) > 0:
-        out["val_bpb"] = total_f / math.log(2) / float(nbytes)
+    total = sum(scores, Score())
+    loss = total.nll_per_token if total.tokens else 0.0
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": total.tokens}
+    if byte_lengths is not None and total.bytes > 0:
+        out["val_bpb"] = total.bits_per_byte
     return out
 
 
@@ -813,69 +818,23 @@ def _warn(message: str) -> None:
     print(f"rgemma: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"TrainConfig.device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"TrainConfig.device is {name!r} but CUDA is not available")
-    return device
-
-
-def expand_paths(patterns: Iterable[str], what: str) -> list[str]:
-    """Expand glob patterns (`data/*.txt`) in a list of paths; plain paths pass as is.
-
-    Raises:
-        InputError: a pattern that matches nothing (named).
-    """
-    out: list[str] = []
-    for p in patterns:
-        p = os.path.expanduser(p)
-        if glob.has_magic(p):
-            matches = sorted(glob.glob(p, recursive=True))
-            if not matches:
-                raise InputError(f"{what} pattern {p!r} matches no file")
-            out += matches
-        else:
-            out.append(p)
-    return out
-
-
 def _build_data(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any]:
-    """(train PackedDataset, validation PackedDataset or None)."""
-    from . import data
+    """(train PackedDataset, validation PackedDataset or None): `data.build_datasets`
+    on the config's data fields."""
+    from .data import build_datasets
 
     if not cfg.train_data:
         raise ConfigError("TrainConfig.train_data is empty: give files, directories or globs")
-    train_docs = data.read_documents(expand_paths(cfg.train_data, "train_data"), cfg.doc_chars)
-    if cfg.val_data:
-        val_docs = data.read_documents(expand_paths(cfg.val_data, "val_data"), cfg.doc_chars)
-    elif cfg.val_fraction > 0:
-        train_docs, val_docs = data.split_documents(train_docs, cfg.val_fraction)
-    else:
-        val_docs = []
-    train_set = data.PackedDataset(
-        data.tokenize_documents(train_docs, tokenizer),
+    return build_datasets(
+        cfg.train_data,
+        tokenizer,
         cfg.seq_len,
         cfg.batch_size,
-        pad_id=tokenizer.pad_id,
+        val_paths=cfg.val_data,
+        val_fraction=cfg.val_fraction,
+        doc_chars=cfg.doc_chars,
         seed=cfg.seed,
     )
-    val_set = None
-    if val_docs:
-        val_set = data.PackedDataset(
-            data.tokenize_documents(val_docs, tokenizer),
-            cfg.seq_len,
-            cfg.batch_size,
-            pad_id=tokenizer.pad_id,
-            shuffle=False,
-            drop_last=False,
-            num_epochs=1,
-        )
-    return train_set, val_set
 
 
 def _requested_model_config(cfg: TrainConfig) -> GriffinConfig | None:
@@ -968,7 +927,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device, what="TrainConfig.device", error=ConfigError)
     out_dir = Path(cfg.out_dir)
     metrics_path = out_dir / METRICS_NAME
 
@@ -1127,12 +1086,14 @@ def _loop(
         if val_set is None:
             return
         t0 = time.perf_counter()
+        budget = cfg.eval_batches
         last_eval = evaluate(
             model,
             val_set,
-            max_batches=cfg.eval_batches,
+            max_tokens=None if budget is None else budget * cfg.batch_size * cfg.seq_len,
             byte_lengths=byte_lengths,
-            device=device,
+            chunk_size=cfg.seq_len,
+            batch_size=cfg.batch_size,
             bf16=cfg.bf16,
         )
         record = {

@@ -3,14 +3,15 @@
 Layers, each usable alone:
 
     scheduler.Scheduler      a thread that owns the model: admits queued requests,
-                             prefills their prompts in chunks, decodes one token for
-                             every active row per step, frees finished rows at once
+                             plans their prompts' prefill chunks, and has the row
+                             engine (`rgemma.engine`, the one `generate` runs on)
+                             prefill, decode every active row and free finished rows
     prefix_cache.PrefixCache LRU of model states after shared prompt prefixes,
                              bounded in bytes (exact: same output as without it)
     metrics.Metrics          counters and histograms in Prometheus text format
     app.create_app           the FastAPI app: /v1/completions, /v1/chat/completions,
                              /v1/models, /health, /metrics
-    rgemma serve             the command (`rgemma.cli_serve`), uvicorn on 127.0.0.1
+    rgemma serve             the command (`rgemma.cli.serve`), uvicorn on 127.0.0.1
 
 Only `scheduler`, `prefix_cache` and `metrics` import torch; only `app` imports
 FastAPI (the `serve` extra). Importing this package imports neither.
@@ -25,7 +26,7 @@ _EXPORTS = {
     "ServeConfig": "app",
     "Scheduler": "scheduler",
     "GenerationRequest": "scheduler",
-    "SamplingParams": "scheduler",
+    "SamplingParams": "scheduler",  # rgemma.sampling.SamplingParams, re-exported
     "QueueFull": "scheduler",
     "PrefixCache": "prefix_cache",
     "Metrics": "metrics",

@@ -35,7 +35,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +44,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError
+from ..sampling import SamplingParams
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 from .protocol import (
@@ -54,7 +55,7 @@ from .protocol import (
     error_body,
     param_of,
 )
-from .scheduler import Event, GenerationRequest, QueueFull, SamplingParams, Scheduler
+from .scheduler import Event, GenerationRequest, QueueFull, Scheduler
 
 __all__ = ["ServeConfig", "create_app"]
 
@@ -175,6 +176,10 @@ class _Choice:
         self.prompt_tokens = 0
         self.logprobs: list[Any] = []
 
+    def done(self, event: Event) -> None:
+        """Record a "done" event."""
+        self.finish_reason, self.completion_tokens = event.finish_reason, event.completion_tokens
+
 
 class _Server:
     def __init__(
@@ -210,6 +215,7 @@ class _Server:
         self.metrics.bind_scheduler(scheduler)
         self.created = int(time.time())
         self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+        self._token_str: dict[int, str] = {}
 
     # -- request -> GenerationRequest ---------------------------------------------
     def _check_prompt(self, ids: list[int], param: str) -> None:
@@ -230,6 +236,9 @@ class _Server:
         logprobs: int | None,
         prompt_logprobs: bool,
     ) -> SamplingParams:
+        """The request's `SamplingParams`: OpenAI's `max_tokens` (or
+        `max_completion_tokens`) is `max_new_tokens`; OpenAI's defaults otherwise
+        (temperature 1, top_p 1); `top_k` 0 or -1 is off."""
         if max_tokens is None:
             max_tokens = default_max
         if max_tokens > self.config.max_tokens:
@@ -247,7 +256,7 @@ class _Server:
         top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
         try:
             return SamplingParams(
-                max_tokens=max_tokens,
+                max_new_tokens=max_tokens,
                 temperature=1.0 if body.temperature is None else float(body.temperature),
                 top_k=top_k,
                 top_p=1.0 if body.top_p is None else float(body.top_p),
@@ -361,8 +370,36 @@ class _Server:
             "prompt_tokens_details": {"cached_tokens": req.cached_tokens},
         }
 
+    def stream_end(
+        self,
+        body: Any,
+        req: GenerationRequest,
+        choices: list[_Choice],
+        last: dict[str, Any] | None,
+        template: dict[str, Any],
+    ) -> Iterator[str]:
+        """The end of a stream: the held-back final chunk `last` (with the usage, unless
+        `stream_options.include_usage` asks for a separate usage chunk with no choices,
+        built on `template`), then `[DONE]`."""
+        usage = self.usage(req, choices)
+        include = body.stream_options is not None and body.stream_options.include_usage
+        if last is not None:
+            last["usage"] = None if include else usage
+            yield _sse(last)
+        if include:
+            yield _sse({**template, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
     def token_text(self, token_id: int) -> str:
-        return self.scheduler._token_text(token_id)
+        """A token as OpenAI's logprobs show it: its piece, with SentencePiece's word
+        marker as a space (a byte-fallback piece as it is)."""
+        s = self._token_str.get(token_id)
+        if s is None:
+            piece = self.tokenizer.id_to_piece(token_id)
+            s = piece if self.tokenizer.is_byte(token_id) else piece.replace("\u2581", " ")
+            if len(self._token_str) < 1_000_000:
+                self._token_str[token_id] = s
+        return s
 
     def chat_logprob(self, lp) -> dict[str, Any]:
         def entry(token_id: int, value: float) -> dict[str, Any]:
@@ -639,31 +676,13 @@ def create_app(
                         if ev.text or lp is not None:
                             yield _sse(chunk(ev.index, ev.text, lp))
                     else:
-                        c.finish_reason, c.completion_tokens = (
-                            ev.finish_reason,
-                            ev.completion_tokens,
-                        )
+                        c.done(ev)
                         last = chunk(ev.index, "", None, ev.finish_reason)
                         if any(x.finish_reason is None for x in choices):
                             yield _sse(last)
                             last = None
-                usage = server.usage(req, choices)
-                include = body.stream_options is not None and body.stream_options.include_usage
-                if last is not None:
-                    last["usage"] = None if include else usage
-                    yield _sse(last)
-                if include:
-                    yield _sse(
-                        {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": config.model_name,
-                            "choices": [],
-                            "usage": usage,
-                        }
-                    )
-                yield "data: [DONE]\n\n"
+                for line in server.stream_end(body, req, choices, last, chunk(0, "")):
+                    yield line
 
             return StreamingResponse(
                 stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -682,7 +701,7 @@ def create_app(
                     c.logprobs.append((ev.token_id, ev.logprob))
             else:
                 c = choices[ev.index]
-                c.finish_reason, c.completion_tokens = ev.finish_reason, ev.completion_tokens
+                c.done(ev)
         if bridge.disconnected:
             return JSONResponse(error_body("client disconnected"), status_code=499)
         out = []
@@ -765,31 +784,13 @@ def create_app(
                             yield _sse(chunk(ev.index, {"content": ev.text}, lp))
                     elif ev.kind == "done":
                         c = choices[ev.index]
-                        c.finish_reason, c.completion_tokens = (
-                            ev.finish_reason,
-                            ev.completion_tokens,
-                        )
+                        c.done(ev)
                         last = chunk(ev.index, {}, None, ev.finish_reason)
                         if any(x.finish_reason is None for x in choices):
                             yield _sse(last)
                             last = None
-                usage = server.usage(req, choices)
-                include = body.stream_options is not None and body.stream_options.include_usage
-                if last is not None:
-                    last["usage"] = None if include else usage
-                    yield _sse(last)
-                if include:
-                    yield _sse(
-                        {
-                            "id": rid,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": config.model_name,
-                            "choices": [],
-                            "usage": usage,
-                        }
-                    )
-                yield "data: [DONE]\n\n"
+                for line in server.stream_end(body, req, choices, last, chunk(0, {})):
+                    yield line
 
             return StreamingResponse(
                 stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -804,7 +805,7 @@ def create_app(
                 if ev.logprob is not None:
                     c.logprobs.append(server.chat_logprob(ev.logprob))
             elif ev.kind == "done":
-                c.finish_reason, c.completion_tokens = ev.finish_reason, ev.completion_tokens
+                c.done(ev)
         if bridge.disconnected:
             return JSONResponse(error_body("client disconnected"), status_code=499)
         out = [

@@ -1,29 +1,33 @@
 """Continuous batching: one thread owns the model and advances every request.
 
-Each active sequence is one row of a running batch: its own state row, its own
-sampling parameters and random generator, its own stop conditions. Every step:
+The scheduler decides; the row engine (`rgemma.engine.RowEngine`, the one
+`rgemma.generate` runs on) runs. Each active sequence is one engine `Row` of the
+running batch: its own state row, its request's `SamplingParams`, its own random
+generator and stop conditions. Every step, the scheduler:
 
-1. drop the rows and prefills of cancelled requests (a client went away);
-2. admit queued requests while the batch has free rows (FIFO);
-3. prefill: run prompt chunks (batch 1, at most `prefill_chunk` tokens each),
-   about `prefill_budget` tokens per step, so a long prompt delays the running
-   rows by one chunk per step, not by its whole length. A prompt whose prefix
-   state is in the `PrefixCache` starts from it. When a prompt is done, its first
-   token is sampled and its state (repeated for `n` choices) joins the batch;
-4. decode: one model call on the last token of every row, tokens (b, 1); sample
-   each row; send its text piece to its request; rows that stopped leave the
-   batch at once (`GriffinState.select`).
+1. drops the rows and prefills of cancelled requests (a client went away);
+2. admits queued requests while the batch has free rows (FIFO);
+3. prefills: plans each prompt's chunks (at most `prefill_chunk` tokens, split at
+   prefix-cache boundaries and, with shape buckets, into pieces of 2^k or 3 * 2^k
+   tokens) and has the engine run about `prefill_budget` tokens per step, so a long
+   prompt delays the running rows by one chunk per step, not by its whole length. A
+   prompt whose prefix state is in the `PrefixCache` starts from it. When a prompt
+   is done, its `n` choices join the engine, which samples their first tokens;
+4. decodes: one engine step (one model call on the last token of every row,
+   sampling, stop rules; rows that stopped leave the batch at once);
+
+and turns what the engine reports into the request's events and the metrics.
 
 Bounded memory: on CPU every distinct input shape makes oneDNN build (and keep,
 in its primitive caches) JIT kernels, about 0.6 MB per operation and shape, some
 5 MB per model call shape for a small Griffin; and glibc keeps freed memory. With
 `shape_buckets` (the default) the model only ever sees a small fixed set of shapes:
 prefill pieces of lengths 2^k or 3 * 2^k (a chunk of 100 tokens runs as 96 + 4; 16
-lengths up to 256) and decode batches padded to a power of two (capped at `max_batch_size`; the pad
-rows repeat a real row and are never sampled), so those caches stop growing once
-each shape has been seen, whatever the prompt lengths and the batch size. When the
-scheduler has been idle for `idle_trim_s`, it hands freed heap memory back to the
-system (`malloc_trim`, glibc only).
+lengths up to 256) and decode batches padded to a power of two (capped at
+`max_batch_size`; the pad rows repeat a real row and are never sampled), so those
+caches stop growing once each shape has been seen, whatever the prompt lengths and
+the batch size. When the scheduler has been idle for `idle_trim_s`, it hands freed
+heap memory back to the system (`malloc_trim`, glibc only).
 
 Exactness: a row's tokens do not depend on the other rows (the model's rows are
 independent, sampling is per row with per-row generators), so a greedy request
@@ -53,13 +57,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ..generation import (
-    RowText,  # the stop-string / UTF-8-safe text tracker of `generate`
-    decode_step,
-)
-from ..sampling import mask_beyond_vocab, sample, validate_sampling
+from ..engine import PromptPrefill, Row, RowEngine, RowOutput, TokenLogprob
+from ..sampling import SamplingParams, make_generators
 from ..state import GriffinState
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
@@ -102,74 +102,8 @@ def _piece(n: int) -> int:
     return p + p // 2 if p >= 2 and n >= p + p // 2 else p
 
 
-def _join_rows(old: GriffinState | None, n: int, new: GriffinState, size: int) -> GriffinState:
-    """Rows [:n] of `old`, then the one row of `new` repeated up to `size` rows (the
-    new choices, then pad rows): one copy per tensor."""
-
-    def cat(a: Tensor | None, b: Tensor) -> Tensor:
-        rep = b.expand(size - n, *b.shape[1:])
-        return rep.contiguous() if a is None or n == 0 else torch.cat([a[:n], rep])
-
-    if old is None:
-        return GriffinState(
-            blocks=tuple(type(s)(*(cat(None, t) for t in s)) for s in new.blocks),
-            next_pos=cat(None, new.next_pos),
-        )
-    return GriffinState(
-        blocks=tuple(
-            type(sn)(*(cat(a, b) for a, b in zip(so, sn))) for so, sn in zip(old.blocks, new.blocks)
-        ),
-        next_pos=cat(old.next_pos, new.next_pos),
-    )
-
-
 class QueueFull(RuntimeError):
     """The scheduler's queue holds `max_queue` requests: try again later."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples and stops.
-
-    Attributes:
-        max_tokens: most tokens per choice (>= 0; 0 only prefills).
-        temperature, top_k, top_p, min_p: see `rgemma.sampling.sample`; 0 = greedy.
-        seed: choice i draws from a generator seeded `seed + i` (None: random).
-        stop: stop strings; the text is cut before the first one found.
-        logprobs: number of alternatives per sampled token to report (None: no
-            logprobs at all; 0: only the sampled token's).
-        prompt_logprobs: report the logprob of every prompt token (for `echo`);
-            such prompts bypass the prefix cache.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    prompt_logprobs: bool = False
-
-    def __post_init__(self) -> None:
-        validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-
-@dataclasses.dataclass
-class TokenLogprob:
-    """A token's log-probability (natural log, before temperature) and the best
-    alternatives at its position, as (token id, logprob), most likely first."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass
@@ -201,7 +135,8 @@ class Event:
 
 
 class GenerationRequest:
-    """One request: prompts (token ids), `n` choices per prompt, sampling params.
+    """One request: prompts (token ids), `n` choices per prompt, one `SamplingParams`
+    (`rgemma.sampling`; its `max_new_tokens` is OpenAI's `max_tokens`).
 
     Choice index of prompt j, sample i: `j * n + i`. `prefix_hints[j]` lists token
     counts where prompt j's shared prefix ends (e.g. after a chat system prompt),
@@ -241,12 +176,13 @@ class GenerationRequest:
     def __repr__(self) -> str:
         return (
             f"GenerationRequest(id={self.id}, prompts={len(self.prompts)}, n={self.n}, "
-            f"max_tokens={self.params.max_tokens})"
+            f"max_new_tokens={self.params.max_new_tokens})"
         )
 
 
-class _Prefill:
-    """One prompt being prefilled, chunk by chunk, batch 1."""
+class _Prefill(PromptPrefill):
+    """One prompt of a request being prefilled, chunk by chunk, batch 1: the engine's
+    `PromptPrefill` plus where its chunks end and which prefix states to cache."""
 
     def __init__(
         self,
@@ -257,58 +193,34 @@ class _Prefill:
         state: GriffinState | None,
         store: dict[int, Any],
     ) -> None:
-        self.req, self.index = req, index
-        self.ids = req.prompts[index]
-        self.splits = [s for s in splits if s > start]  # chunk end positions, last = len
-        self.pos, self.state, self.store = start, state, store
-        self.logits: Tensor | None = None  # (1, v) at the last prompt position
-        self.prompt_lps: list[TokenLogprob | None] | None = (
-            [None] if req.params.prompt_logprobs else None
+        p = req.params
+        super().__init__(
+            req.prompts[index],
+            start=start,
+            state=state,
+            prompt_logprobs=p.prompt_logprobs,
+            top_logprobs=p.logprobs or 0,
         )
-
-    @property
-    def done(self) -> bool:
-        return self.pos >= len(self.ids)
-
-
-class _Row:
-    """One sequence in the running batch."""
-
-    __slots__ = (
-        "gen",
-        "ids",
-        "index",
-        "last",
-        "last_time",
-        "prompt_tokens",
-        "req",
-        "sampled",
-        "text",
-    )
-
-    def __init__(
-        self,
-        req: GenerationRequest,
-        index: int,
-        tokenizer: Any,
-        gen: torch.Generator | None,
-        prompt_tokens: int,
-    ) -> None:
         self.req, self.index = req, index
-        self.text = RowText(tokenizer, req.params.stop)
-        self.ids: list[int] = []
-        self.gen = gen
-        self.last = -1  # last sampled token: the next one fed
-        self.sampled = 0  # tokens sampled, stop tokens included
+        self.splits = [s for s in splits if s > start]  # chunk end positions, last = len
+        self.store = store
+
+
+class _Choice:
+    """The scheduler's tag on an engine `Row`: which request and choice it serves."""
+
+    __slots__ = ("index", "last_time", "req")
+
+    def __init__(self, req: GenerationRequest, index: int) -> None:
+        self.req, self.index = req, index
         self.last_time: float | None = None
-        self.prompt_tokens = prompt_tokens
 
 
 class Scheduler:
     """Runs the model for every request on one thread, with continuous batching.
 
     Args:
-        model: a `Griffin` (eval mode) on its device.
+        model: a `Griffin` (eval mode) on its device (`compile_decode` applies).
         tokenizer: its `Tokenizer`.
         max_batch_size: most rows decoded together (a request takes n x prompts rows).
         max_queue: most requests waiting for rows; `submit` raises `QueueFull` beyond.
@@ -357,25 +269,18 @@ class Scheduler:
         self.shape_buckets = shape_buckets
         self.idle_trim_s = idle_trim_s
         self.trims = 0  # times freed memory was handed back
-        p = next(model.parameters())
-        self.device = p.device
-        self.vocab = tokenizer.vocab_size  # model rows beyond it are never sampled
-        self.stop_ids = {
-            i for i in (tokenizer.eos_id, tokenizer.end_of_turn_id) if i is not None and i >= 0
-        }
+        # The engine runs the rows: its state holds the real rows first, then pad rows
+        # (copies of a real row, never sampled) up to `_bucket(num_rows)`.
+        self.engine = RowEngine(model, tokenizer, batch_rows=self._bucket)
+        self.device = self.engine.device
 
         self._cond = threading.Condition()
         self._queue: deque[GenerationRequest] = deque()  # guarded by _cond
         self._prefills: deque[_Prefill] = deque()
         self._admitted: list[GenerationRequest] = []  # being prefilled or decoded
-        self._rows: list[_Row] = []
-        # The running batch's state: the rows of `_rows` first, then pad rows (copies
-        # of real rows, never sampled) up to `_bucket(len(_rows))`.
-        self._state: GriffinState | None = None
         self._reserved = 0  # rows of admitted requests not yet in the batch
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._token_str: dict[int, str] = {}
         self.peak_rows = 0  # most rows decoded together so far
 
     # -- public --------------------------------------------------------------------
@@ -389,11 +294,17 @@ class Scheduler:
 
     @property
     def num_rows(self) -> int:
-        return len(self._rows)
+        """Rows in the running batch (pad rows not counted)."""
+        return len(self.engine.rows)
+
+    @property
+    def _state(self) -> GriffinState | None:
+        """The running batch's state (the engine's)."""
+        return self.engine.state
 
     @property
     def state_nbytes(self) -> int:
-        state = self._state
+        state = self.engine.state
         return state.nbytes() if state is not None else 0
 
     @property
@@ -453,11 +364,12 @@ class Scheduler:
             self._queue.clear()
         for req in pending:
             self._fail(req, "the server is shutting down")
-        self._admitted, self._prefills, self._rows, self._state = [], deque(), [], None
+        self._admitted, self._prefills = [], deque()
+        self.engine.clear()
         self._reserved = 0
 
     def has_work(self) -> bool:
-        return bool(self._queue or self._prefills or self._rows or self._admitted)
+        return bool(self._queue or self._prefills or self.engine.rows or self._admitted)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -465,14 +377,14 @@ class Scheduler:
         self._drop_cancelled()
         self._admit()
         self._prefill_some()
-        if self._rows:
+        if self.engine.rows:
             try:
                 self._decode()
             except Exception as err:  # a model failure: fail the batch, keep serving
                 log.exception("decode step failed")
-                for req in {id(r.req): r.req for r in self._rows}.values():
+                for req in {id(r.tag.req): r.tag.req for r in self.engine.rows}.values():
                     self._fail(req, f"decode failed: {err}")
-                self._rows, self._state = [], None
+                self.engine.clear()
 
     # -- the loop ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -506,13 +418,13 @@ class Scheduler:
 
     def _can_admit_now(self, req: GenerationRequest) -> bool:
         return (
-            not self._queue
-            and len(self._rows) + self._reserved + req.num_rows <= self.max_batch_size
+            not self._queue and self.num_rows + self._reserved + req.num_rows <= self.max_batch_size
         )
 
     def _drop_cancelled(self) -> None:
-        if any(row.req.cancelled for row in self._rows):
-            self._remove_rows([i for i, row in enumerate(self._rows) if not row.req.cancelled])
+        rows = self.engine.rows
+        if any(row.tag.req.cancelled for row in rows):
+            self.engine.retain([i for i, row in enumerate(rows) if not row.tag.req.cancelled])
         if any(p.req.cancelled for p in self._prefills):
             self._prefills = deque(p for p in self._prefills if not p.req.cancelled)
         for req in [r for r in self._admitted if r.cancelled]:
@@ -522,7 +434,7 @@ class Scheduler:
         with self._cond:
             while self._queue:
                 req = self._queue[0]
-                if len(self._rows) + self._reserved + req.num_rows > self.max_batch_size:
+                if self.num_rows + self._reserved + req.num_rows > self.max_batch_size:
                     break
                 self._queue.popleft()
                 self._admitted.append(req)
@@ -586,75 +498,44 @@ class Scheduler:
         n = end - job.pos
         while job.pos < end:
             stop = end if not self.shape_buckets else job.pos + _piece(end - job.pos)
-            self._prefill_piece(job, stop)
+            self.engine.prefill_piece(job, stop)
         self.metrics.prefill_tokens.inc(n)
         if end in job.store and self.prefix_cache is not None:
             self.prefix_cache.store(job.store[end], job.state)
         return n
 
-    def _prefill_piece(self, job: _Prefill, end: int) -> None:
-        tokens = torch.tensor([job.ids[job.pos : end]], dtype=torch.long, device=self.device)
-        last = end == len(job.ids)
-        mode = "all" if job.prompt_lps is not None else ("last" if last else "none")
-        logits, job.state = self.model(tokens, None, job.state, logits=mode)
-        if job.prompt_lps is not None:  # logits at i predict ids[i + 1]
-            lp = torch.log_softmax(self._mask(logits[0]), dim=-1)  # (t, v)
-            k = job.req.params.logprobs or 0
-            for t in range(end - job.pos):
-                i = job.pos + t
-                if i + 1 < len(job.ids):
-                    job.prompt_lps.append(self._logprob_entry(lp[t], job.ids[i + 1], k))
-        if last:
-            job.logits = logits[:, -1]  # (1, v)
-        job.pos = end
-
     def _start_rows(self, job: _Prefill) -> None:
-        """A prompt is prefilled: sample each choice's first token, join the batch."""
+        """A prompt is prefilled: its n choices join the engine, which samples their
+        first tokens."""
         req, n = job.req, job.req.n
         self._reserved -= n
         req._unstarted -= 1
-        if job.prompt_lps is not None:
-            self._emit(req, Event("prompt", index=job.index, prompt_logprobs=job.prompt_lps))
-        gens = self._generators(req, job.index)
+        if job.prompt_logprobs is not None:
+            self._emit(req, Event("prompt", index=job.index, prompt_logprobs=job.prompt_logprobs))
+        p = req.params
+        gens: list[torch.Generator | None] = [None] * n
+        if not p.greedy:  # choice i of prompt j: seed + j * n + i
+            seed = p.seed if p.seed is not None else random.getrandbits(62)
+            gens = make_generators(seed + job.index * n, n, self.device)
         rows = [
-            _Row(req, job.index * n + i, self.tokenizer, gens[i], len(job.ids)) for i in range(n)
+            Row(
+                p,
+                self.tokenizer,
+                len(job.ids),
+                generator=gens[i],
+                tag=_Choice(req, job.index * n + i),
+            )
+            for i in range(n)
         ]
-        if req.params.max_tokens == 0:
-            for row in rows:
-                self._finish_row(row, "length", row.text.finish())
-            return
-        logits = job.logits.expand(n, -1)  # (n, v)
-        toks = self._sample(logits, rows)
-        keep = [i for i, row in enumerate(rows) if not self._accept(row, toks[i], logits, i)]
-        if not keep or req.cancelled:
-            return
-        n = len(self._rows)
-        self._state = _join_rows(self._state, n, job.state, self._bucket(n + len(keep)))
-        self._rows += [rows[i] for i in keep]
+        self._handle(self.engine.add(rows, job.logits, job.state))
 
     # -- decode --------------------------------------------------------------------
     def _decode(self) -> None:
-        rows = self._rows
-        last = [r.last for r in rows]
-        last += [last[0]] * (self._state.batch_size - len(rows))  # pad rows
-        tokens = torch.tensor(last, dtype=torch.long, device=self.device)
-        logits, self._state = decode_step(self.model, tokens, self._state)
-        logits = logits[: len(rows)]  # (b, v): the pad rows' are never sampled
+        n = self.num_rows
         self.metrics.decode_steps.inc()
-        self.metrics.batch_size.observe(len(rows))
-        self.peak_rows = max(self.peak_rows, len(rows))
-        toks = self._sample(logits, rows)
-        keep = [i for i, row in enumerate(rows) if not self._accept(row, toks[i], logits, i)]
-        if len(keep) < len(rows):
-            self._remove_rows(keep)
-
-    def _remove_rows(self, keep: list[int]) -> None:
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._state = None
-            return
-        pad = self._bucket(len(keep)) - len(keep)
-        self._state = self._state.select(keep + [keep[-1]] * pad)
+        self.metrics.batch_size.observe(n)
+        self.peak_rows = max(self.peak_rows, n)
+        self._handle(self.engine.step())
 
     def _bucket(self, n: int) -> int:
         """State rows for n real rows: the next power of two (at most max_batch_size)."""
@@ -662,116 +543,52 @@ class Scheduler:
             return n
         return min(1 << (n - 1).bit_length(), max(self.max_batch_size, n))
 
-    # -- sampling ------------------------------------------------------------------
-    def _mask(self, logits: Tensor) -> Tensor:
-        return mask_beyond_vocab(logits, self.vocab)
-
-    def _generators(
-        self, req: GenerationRequest, prompt_index: int
-    ) -> list[torch.Generator | None]:
-        p, n = req.params, req.n
-        if p.greedy:
-            return [None] * n
-        base = p.seed if p.seed is not None else random.getrandbits(62)
-        return [
-            torch.Generator(device=self.device).manual_seed(base + prompt_index * n + i)
-            for i in range(n)
-        ]
-
-    def _sample(self, logits: Tensor, rows: list[_Row]) -> list[int]:
-        """One token per row, each with its request's parameters. (b, v) -> b ints."""
-        logits = self._mask(logits)
-        groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):
-            p = row.req.params
-            key = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p, p.min_p)
-            groups.setdefault(key, []).append(i)
-        if len(groups) == 1 and ("greedy",) in groups:
-            return torch.argmax(logits, dim=-1).tolist()  # the one host sync of the step
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        for key, idx in groups.items():
-            sub = logits[idx] if len(idx) < len(rows) else logits
-            ix = torch.tensor(idx, device=logits.device)
-            if key == ("greedy",):
-                out[ix] = torch.argmax(sub, dim=-1)
-            else:
-                t, k, tp, mp = key
-                out[ix] = sample(sub, t, k, tp, mp, generator=[rows[i].gen for i in idx])
-        return out.tolist()
-
-    def _token_text(self, token_id: int) -> str:
-        s = self._token_str.get(token_id)
-        if s is None:
-            piece = self.tokenizer.id_to_piece(token_id)
-            s = piece if self.tokenizer.is_byte(token_id) else piece.replace("\u2581", " ")
-            if len(self._token_str) < 1_000_000:
-                self._token_str[token_id] = s
-        return s
-
-    def _logprob_entry(self, lp: Tensor, token_id: int, k: int) -> TokenLogprob:
-        """`lp`: (v,) log-softmax of one position."""
-        top: list[tuple[int, float]] = []
-        if k > 0:
-            vals, ids = torch.topk(lp, k)
-            top = list(zip(ids.tolist(), vals.tolist()))
-        return TokenLogprob(token_id, float(lp[token_id]), top)
-
-    # -- per-row bookkeeping -------------------------------------------------------
-    def _accept(self, row: _Row, tok: int, logits: Tensor, i: int) -> bool:
-        """Take row's sampled token; emit its text; return whether the row finished.
-        Same stopping rules as `rgemma.generate`."""
-        req, now = row.req, time.perf_counter()
-        if req.first_token_at is None:
-            req.first_token_at = now
-            self.metrics.ttft.observe(now - req.arrival)
-        if row.last_time is not None:
-            self.metrics.itl.observe(now - row.last_time)
-        row.last_time = now
-        row.sampled += 1
-        self.metrics.generation_tokens.inc()
-        reason = None
-        lp = None
-        if tok in self.stop_ids:
-            reason, piece = "stop", row.text.finish()
-        else:
-            row.ids.append(tok)
-            piece, hit = row.text.push(tok)
-            if hit:
-                reason = "stop"
-            elif len(row.ids) >= req.params.max_tokens:
-                reason = "length"
-                piece += row.text.finish()
-            if req.params.logprobs is not None:
-                lp = self._logprob_entry(
-                    torch.log_softmax(self._mask(logits[i]), dim=-1), tok, req.params.logprobs
+    # -- what the engine did -> events ---------------------------------------------------
+    def _handle(self, outs: list[RowOutput]) -> None:
+        """Count the engine's sampled tokens and send each row's text and end to its
+        request."""
+        now = time.perf_counter()
+        for out in outs:
+            choice: _Choice = out.row.tag
+            req = choice.req
+            if out.token_id is not None:
+                if req.first_token_at is None:
+                    req.first_token_at = now
+                    self.metrics.ttft.observe(now - req.arrival)
+                if choice.last_time is not None:
+                    self.metrics.itl.observe(now - choice.last_time)
+                choice.last_time = now
+                self.metrics.generation_tokens.inc()
+            if out.token_id is not None and not out.stop_token:
+                event = Event(
+                    "token",
+                    index=choice.index,
+                    text=out.text,
+                    token_id=out.token_id,
+                    logprob=out.logprob,
                 )
-        if tok not in self.stop_ids:
-            self._emit(req, Event("token", index=row.index, text=piece, token_id=tok, logprob=lp))
-        elif piece:  # a stop token only releases held-back text
-            self._emit(req, Event("token", index=row.index, text=piece))
-        if reason is not None:
-            self._finish_row(row, reason, "")
-            return True
-        row.last = tok
-        return False
+                self._emit(req, event)
+            elif out.text:  # a stop token (or the end) only releases held-back text
+                self._emit(req, Event("token", index=choice.index, text=out.text))
+            if out.finished:
+                self._finish_row(out.row)
 
-    def _finish_row(self, row: _Row, reason: str, piece: str) -> None:
-        req = row.req
-        if piece:
-            self._emit(req, Event("token", index=row.index, text=piece))
+    def _finish_row(self, row: Row) -> None:
+        choice: _Choice = row.tag
+        req = choice.req
         self._emit(
             req,
             Event(
                 "done",
-                index=row.index,
-                finish_reason=reason,
+                index=choice.index,
+                finish_reason=row.finish_reason,
                 completion_tokens=row.sampled,
                 prompt_tokens=row.prompt_tokens,
             ),
         )
         req.rows_left -= 1
         if req.rows_left == 0:
-            self._retire(req, reason)
+            self._retire(req, row.finish_reason)
 
     def _retire(self, req: GenerationRequest, reason: str) -> None:
         """The request holds no row any more: count it, forget it, free its reserved rows

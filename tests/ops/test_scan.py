@@ -4,7 +4,8 @@ resets, odd lengths, a given initial state, float32 and bfloat16 inputs."""
 import pytest
 import torch
 
-from rgemma.scan import linear_scan, linear_scan_chunked, linear_scan_ref
+from rgemma.ops import linear_scan
+from rgemma.ops.scan import linear_scan_chunked, linear_scan_ref
 
 
 def _inputs(b, t, e, dtype, seed=0, with_resets=True):
@@ -79,12 +80,12 @@ def test_gradients_match_reference(t):
 def test_dispatcher():
     a, x = _inputs(2, 30, 4, torch.float32)
     h0 = torch.randn(2, 4)
-    y_ref, h_ref = linear_scan_ref(a, x, h0)
+    y_ref, _h_ref = linear_scan_ref(a, x, h0)
     for impl in ("auto", "ref", "chunked"):
-        y, h = linear_scan(a, x, h0, impl=impl)
+        y, _h = linear_scan(a, x, h0, impl=impl)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     # A single step (decode) through the dispatcher's fast path.
-    y1, h1 = linear_scan(a[:, :1], x[:, :1], h0)
+    _y1, h1 = linear_scan(a[:, :1], x[:, :1], h0)
     torch.testing.assert_close(h1, a[:, 0] * h0 + x[:, 0])
     with pytest.raises(ValueError, match="unknown scan impl 'nope'"):
         linear_scan(a, x, h0, impl="nope")

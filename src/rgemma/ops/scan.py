@@ -5,18 +5,18 @@ Griffin paper (arXiv 2402.19427) section 2.4; official counterpart
 (`a_t = 0` where a document starts), so the scan itself is a plain diagonal
 linear recurrence.
 
-Two implementations sit behind one dispatcher, `linear_scan`:
-
 * `linear_scan_ref`: the specification, a Python loop over every time step.
-* `linear_scan_chunked`: the fast CPU path. Time is cut into chunks of length L;
-  a loop over the L positions inside a chunk runs on all chunks at once, then a
-  loop over the T / L chunks carries the state across them. That is about
-  2 * sqrt(T) small vectorised steps instead of T, with the same float32
-  arithmetic (products of `a`, no divisions or logarithms), so it is exact up to
-  float rounding and differentiable by autograd.
+* `linear_scan_step`: one time step (decode), a single multiply-add.
+* `linear_scan_chunked`: the fast path. Time is cut into chunks of length L; a loop
+  over the L positions inside a chunk runs on all chunks at once, then a loop over
+  the t / L chunks carries the state across them. That is about 2 * sqrt(t) small
+  vectorised steps instead of t, with the same float32 arithmetic (products of `a`,
+  no divisions or logarithms), so it is exact up to float rounding and
+  differentiable by autograd. A single step goes to `linear_scan_step`.
 
-Both accumulate in float32 and return `y` in the dtype of `x`, `h_last` in float32.
-Shapes: b batch, t time, e LRU width.
+All take `(a, x, h0)`, accumulate in float32 and return `y` in the dtype of `x`,
+`h_last` in float32. Shapes: b batch, t time, e LRU width. `rgemma.ops.linear_scan`
+picks one of them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -49,6 +50,12 @@ def linear_scan_ref(a: Tensor, x: Tensor, h0: Tensor | None = None) -> tuple[Ten
     return torch.stack(ys, dim=1).to(x.dtype), h
 
 
+def linear_scan_step(a: Tensor, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One time step (decode): `linear_scan_ref` for t == 1 (same arguments and returns)."""
+    h = x[:, 0].float() if h0 is None else a[:, 0].float() * h0 + x[:, 0].float()  # (b, e)
+    return h[:, None].to(x.dtype), h
+
+
 def linear_scan_chunked(
     a: Tensor, x: Tensor, h0: Tensor | None = None, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -60,14 +67,16 @@ def linear_scan_chunked(
     b, t, e = x.shape
     if t == 0:
         return linear_scan_ref(a, x, h0)
-    L = chunk_size or max(1, int(math.isqrt(t)))
+    if t == 1:
+        return linear_scan_step(a, x, h0)
+    L = chunk_size or max(1, math.isqrt(t))
     n = -(-t // L)  # number of chunks
     pad = n * L - t
     a32, x32 = a.float(), x.float()
     if pad:
         # Padding with a = 1, x = 0 leaves the state unchanged.
-        a32 = torch.nn.functional.pad(a32, (0, 0, 0, pad), value=1.0)
-        x32 = torch.nn.functional.pad(x32, (0, 0, 0, pad), value=0.0)
+        a32 = F.pad(a32, (0, 0, 0, pad), value=1.0)
+        x32 = F.pad(x32, (0, 0, 0, pad), value=0.0)
     a32 = a32.view(b, n, L, e)  # (b, n, L, e)
     x32 = x32.view(b, n, L, e)
 
@@ -97,31 +106,3 @@ def linear_scan_chunked(
     y = local_t + decay_t * carry_in[:, :, None, :]  # (b, n, L, e)
     y = y.reshape(b, n * L, e)[:, :t]
     return y.to(x.dtype), carry
-
-
-SCAN_IMPLEMENTATIONS = {"ref": linear_scan_ref, "chunked": linear_scan_chunked}
-
-
-def linear_scan(
-    a: Tensor, x: Tensor, h0: Tensor | None = None, impl: str = "auto"
-) -> tuple[Tensor, Tensor]:
-    """Dispatch the linear recurrence to an implementation.
-
-    Args:
-        a, x, h0: as in `linear_scan_ref`.
-        impl: "ref", "chunked" or "auto" (a single step for t == 1, else chunked).
-
-    Returns:
-        (y, h_last) as in `linear_scan_ref`.
-    """
-    t = x.shape[1]
-    if impl == "auto":
-        if t == 1:
-            h = x[:, 0].float() if h0 is None else a[:, 0].float() * h0 + x[:, 0].float()
-            return h[:, None].to(x.dtype), h
-        impl = "chunked" if t > 8 else "ref"
-    try:
-        fn = SCAN_IMPLEMENTATIONS[impl]
-    except KeyError:
-        raise ValueError(f"unknown scan impl {impl!r}; choose from auto, ref, chunked") from None
-    return fn(a, x, h0)

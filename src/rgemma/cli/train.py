@@ -1,7 +1,7 @@
-"""`rgemma train` and `rgemma train-tokenizer`: parsers and handlers.
+"""`rgemma train`: train a model from scratch or fine-tune a checkpoint, as a train
+config (JSON or TOML) and KEY=VALUE overrides describe it (`rgemma.training`).
 
-Registered in `rgemma.cli` with `register_command`. Torch and the training code
-are imported only when a handler runs, so `rgemma --help` stays fast.
+Torch and the training code are imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -11,14 +11,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = [
-    "add_train_parser",
-    "add_train_tokenizer_parser",
-    "run_train",
-    "run_train_tokenizer",
-]
-
-TRAIN_EPILOG = """\
+EPILOG = """\
 examples:
   rgemma train --config configs/bundled.json
   rgemma train --config configs/bundled.json --resume          # continue after a stop
@@ -38,18 +31,13 @@ with --resume continues exactly where the last checkpoint left off.
 """
 
 
-def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The `train` subcommand's parser."""
-    from .cli import new_parser  # cli imports this module at its end
-
-    p = new_parser(
-        subparsers,
-        "train",
-        help="train or fine-tune a model (checkpoints, resume, eval)",
-        description="Train a Griffin model from scratch or fine-tune a checkpoint, as "
-        "described by a JSON or TOML train config.",
-        epilog=TRAIN_EPILOG,
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options, description and examples of `rgemma train`."""
+    p.description = (
+        "Train a Griffin model from scratch or fine-tune a checkpoint, as "
+        "described by a JSON or TOML train config."
     )
+    p.epilog = EPILOG
     p.add_argument(
         "--config",
         metavar="FILE",
@@ -84,12 +72,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="config overrides (anywhere on the line; or use --set)",
     )
-    return p
 
 
 def _train_config(args: argparse.Namespace):
-    from .errors import ConfigError
-    from .training import TrainConfig, apply_overrides, read_config_file
+    from ..errors import ConfigError
+    from ..training import TrainConfig, apply_overrides, read_config_file
 
     data: dict[str, Any] = read_config_file(args.config) if args.config else {}
     data = apply_overrides(data, list(args.set_overrides) + list(args.overrides))
@@ -145,7 +132,7 @@ def _blame(message: str, args: argparse.Namespace, flags: dict[str, Any]) -> str
     return f"{args.config}: {message}" if args.config else message
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run `rgemma train`; prints a summary; returns 0.
 
     Unless the environment says otherwise, OpenMP threads wait passively
@@ -157,7 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
     if "torch" not in sys.modules:  # read by the OpenMP runtime when torch loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cfg = _train_config(args)
-    from .training import train
+    from ..training import train
 
     result = train(cfg)
     lines = [
@@ -174,100 +161,4 @@ def run_train(args: argparse.Namespace) -> int:
         f"final model: {result['final_dir']}" if result["final_dir"] else None,
     ]
     print("\n".join(x for x in lines if x), file=sys.stderr)
-    return 0
-
-
-TOKENIZER_EPILOG = """\
-examples:
-  rgemma train-tokenizer --input data/corpus/*.txt --vocab-size 4096 \\
-      --output src/rgemma/assets/tokenizer.model
-  rgemma train-tokenizer --input data/corpus --vocab-size 8192 --output tok.model
-
-A Gemma-style SentencePiece BPE model (byte fallback, split digits, <pad>=0,
-<eos>=1, <bos>=2, <unk>=3, <start_of_turn>, <end_of_turn>). Directories are
-searched recursively for *.txt files.
-"""
-
-
-def add_train_tokenizer_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The `train-tokenizer` subcommand's parser."""
-    from .cli import seed_type
-
-    from .cli import new_parser  # cli imports this module at its end
-
-    p = new_parser(
-        subparsers,
-        "train-tokenizer",
-        help="train a SentencePiece tokenizer on text files",
-        description="Train a Gemma-style SentencePiece tokenizer.",
-        epilog=TOKENIZER_EPILOG,
-    )
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="FILE",
-        help="UTF-8 text files or directories (of *.txt)",
-    )
-    p.add_argument(
-        "--vocab-size",
-        type=int,
-        required=True,
-        metavar="N",
-        help="number of pieces, including 256 byte pieces and the specials",
-    )
-    p.add_argument("--output", required=True, metavar="PATH", help="where to write the .model file")
-    p.add_argument(
-        "--input-sentence-size",
-        type=int,
-        default=200_000,
-        metavar="N",
-        help="how many text chunks the trainer samples (0: all; default 200000)",
-    )
-    p.add_argument("--seed", type=seed_type, default=0, help="sampling seed (default 0)")
-    p.add_argument("--threads", type=int, metavar="N", help="trainer threads")
-    return p
-
-
-def run_train_tokenizer(args: argparse.Namespace) -> int:
-    """Run `rgemma train-tokenizer`; prints the output path; returns 0."""
-    from pathlib import Path
-
-    from .errors import InputError
-    from .tokenizer import Tokenizer, train_tokenizer
-
-    files: list[str] = []
-    for item in args.input:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(str(f) for f in path.rglob("*.txt") if f.is_file())
-            if not found:
-                raise InputError(f"no *.txt files under directory {path}")
-            files += found
-        elif path.is_file():
-            files.append(item)
-        else:
-            raise InputError(f"tokenizer training file not found: {item}")
-    if args.vocab_size < 1:
-        raise InputError(f"--vocab-size must be positive, got {args.vocab_size}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
-    if args.input_sentence_size < 0:
-        raise InputError(f"--input-sentence-size must be >= 0, got {args.input_sentence_size}")
-    if os.path.isdir(args.output) or args.output.endswith(("/", os.sep)):
-        raise InputError(
-            f"--output {args.output} is a directory: give the .model file to write, "
-            f"e.g. {os.path.join(args.output, 'tokenizer.model')}"
-        )
-    out = train_tokenizer(
-        files,
-        args.output,
-        args.vocab_size,
-        input_sentence_size=args.input_sentence_size,
-        seed=args.seed,
-        num_threads=args.threads,
-    )
-    tok = Tokenizer(out)
-    print(f"wrote {out} ({tok.vocab_size} pieces, from {len(files)} file(s))", file=sys.stderr)
-    print(os.fspath(out))
     return 0

@@ -1,7 +1,6 @@
-"""`rgemma serve`: the OpenAI-compatible server (see `rgemma.serve`).
+"""`rgemma serve`: the OpenAI-compatible server (`rgemma.serve`) on a model.
 
-Registered in `rgemma.cli` with `register_command`. FastAPI, uvicorn and torch are
-imported only when the handler runs, so `rgemma --help` stays fast.
+FastAPI, uvicorn and torch are imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -9,11 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
-__all__ = ["add_serve_parser", "run_serve"]
+from . import options
 
-SERVE_EPILOG = """\
+EPILOG = """\
 examples:
   rgemma serve --model ./recurrentgemma-2b-it
   rgemma serve --model ./recurrentgemma-2b-it --max-batch-size 32 --api-key sk-local
@@ -32,13 +30,6 @@ exposing it. Needs the serve extra: pip install 'rgemma[serve]'.
 """
 
 
-def _positive(name: str, value: int, minimum: int = 1) -> None:
-    from .errors import InputError
-
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-
-
 def check_listen(host: str, port: int) -> None:
     """Bind (and close) a socket on host:port as uvicorn will, so that a port in use
     or an unresolvable host fails before the model is loaded.
@@ -48,7 +39,7 @@ def check_listen(host: str, port: int) -> None:
     """
     import socket
 
-    from .errors import InputError
+    from ..errors import InputError
 
     def fail(reason: str) -> InputError:
         return InputError(f"cannot listen on {host}:{port}: {reason}")
@@ -66,17 +57,13 @@ def check_listen(host: str, port: int) -> None:
         raise fail(err.strerror or str(err)) from None
 
 
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from .cli import add_common_options, add_speed_options, new_parser
-
-    p = new_parser(
-        subparsers,
-        "serve",
-        help="serve the model over an OpenAI-compatible HTTP API",
-        description="Serve a model with continuous batching over an OpenAI-compatible "
-        "HTTP API (completions and chat completions, streaming).",
-        epilog=SERVE_EPILOG,
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options, description and examples of `rgemma serve`."""
+    p.description = (
+        "Serve a model with continuous batching over an OpenAI-compatible "
+        "HTTP API (completions and chat completions, streaming)."
     )
+    p.epilog = EPILOG
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -157,14 +144,19 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("critical", "error", "warning", "info", "debug"),
         help="uvicorn log level (default info)",
     )
-    add_common_options(p)
-    add_speed_options(p)
-    return p
+    options.add_model_options(p)
+    options.add_speed_options(p)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from .cli import load_model_and_tokenizer, setup_torch
-    from .errors import InputError
+def run(args: argparse.Namespace) -> int:
+    """Run `rgemma serve` until interrupted; returns 0.
+
+    Raises:
+        InputError: a bad limit, a port in use or an unresolvable host (before the
+            model is loaded), FastAPI or uvicorn not installed.
+        CheckpointError: see --model.
+    """
+    from ..errors import InputError
 
     for name in (
         "max_batch_size",
@@ -173,8 +165,8 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_prompt_tokens",
         "max_tokens",
     ):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    _positive("--max-queue", args.max_queue, 0)
+        options.positive("--" + name.replace("_", "-"), getattr(args, name))
+    options.positive("--max-queue", args.max_queue, 0)
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     if args.prefix_cache_mb < 0:
@@ -182,15 +174,15 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .serve.app import ServeConfig, create_app
+        from ..serve.app import ServeConfig, create_app
     except ImportError as err:
         raise InputError(
             f"rgemma serve needs FastAPI and uvicorn ({err}); install them "
             "with: pip install 'rgemma[serve]'"
         ) from None
     check_listen(args.host, args.port)
-    setup_torch(args)
-    model, tokenizer = load_model_and_tokenizer(args)  # with --quantize / --compile
+    options.setup_torch(args)
+    model, tokenizer = options.load_model_and_tokenizer(args)  # with --quantize / --compile
     name = args.model_name
     if name is None:
         name = os.path.basename(os.path.normpath(args.model)) if args.model else "rgemma"

@@ -1,0 +1,790 @@
+"""The row engine: runs the model on a batch of rows, samples them and stops them.
+
+One engine serves `rgemma.generate` / `stream` / `ChatSession` (a static batch: every
+row joins at once, the loop runs until the last one stops) and the server's
+`Scheduler` (continuous batching: rows join after their prompt is prefilled and leave
+when they stop, at any step). The scheduler decides which prompts to prefill and when
+rows join or are cancelled; the engine runs (vLLM's split between `schedule()` and
+`execute_model()` / `update_from_output()`). It owns:
+
+- chunked prefill, from scratch or from a state (`prefill`, `RowEngine.prefill_prompts`
+  for a static batch, `RowEngine.prefill_piece` for one prompt piece by piece, with
+  prompt logprobs when asked);
+- the decode step (`decode_step`: `model.decode_step`, compiled by `compile_decode`);
+- sampling, row by row with each row's `SamplingParams` and its own generator;
+- stop rules: EOS / `<end_of_turn>` ids (`stop_token_ids`), stop strings and
+  UTF-8-safe text pieces (`RowText`), the length limit;
+- per-token logprobs where a row asks for them;
+- rows joining and leaving the batch (the state's rows follow, `GriffinState.select`).
+
+The decode loop makes one host sync per step (the sampled ids, `.tolist()`), plus
+one per row and token whose `SamplingParams.logprobs` asks for logprobs.
+
+Counterpart: the official `recurrentgemma/torch/sampler.py` is a static greedy batch
+in which every row runs to the longest; vLLM's `EngineCore.step` is the model of the
+split between scheduler and engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .sampling import SamplingParams, mask_beyond_vocab
+from .state import GriffinState, concat_states
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "CompiledDecodeStep",
+    "PromptPrefill",
+    "Row",
+    "RowEngine",
+    "RowOutput",
+    "RowText",
+    "TokenLogprob",
+    "activation_dtype",
+    "compile_decode",
+    "decode_step",
+    "model_device",
+    "prefill",
+    "stop_token_ids",
+]
+
+#: Tokens per prefill call: activations are bounded by chunk_size x batch x width.
+DEFAULT_CHUNK_SIZE = 1024
+#: Prompts longer than this (tokens per row) get a progress bar when stderr is a TTY.
+PROGRESS_MIN_TOKENS = 4096
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (a `Griffin` lives on one device)."""
+    return next(model.parameters()).device
+
+
+def activation_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's activations and of its state's conv inputs, keys and
+    values: that of its embedding table."""
+    return model.embedder.input_embedding.dtype
+
+
+# ----------------------------------------------------------------------------------
+# The decode step, compiled or not
+# ----------------------------------------------------------------------------------
+def decode_step(
+    model: torch.nn.Module, tokens: Tensor, state: GriffinState
+) -> tuple[Tensor, GriffinState]:
+    """One decode step of every row: tokens (b,) int64 -> (logits (b, vocab) float32,
+    state).
+
+    `model.decode_step` where the model has one (a `Griffin`'s, a `CompiledDecodeStep`
+    after `compile_decode`); any other module with Griffin's `forward` (a wrapper) goes
+    through its forward. Every decode step of the engine goes through here.
+    """
+    step = getattr(model, "decode_step", None)
+    if step is not None:
+        return step(tokens, state)
+    logits, state = model(tokens[:, None], None, state, logits="last", validate=False)
+    return logits[:, -1], state
+
+
+class CompiledDecodeStep:
+    """A model's decode step through `torch.compile`, falling back to eager (with one
+    warning on stderr) if compiling fails, e.g. on a machine without a C++ compiler.
+
+    Made by `compile_decode`, which sets it as the model's `decode_step` attribute;
+    called like `Griffin.decode_step`: (tokens (b,) int64, state) -> (logits (b, vocab)
+    float32, state).
+
+    Attributes:
+        eager: the model's own (uncompiled) `decode_step`, a bound method.
+        failed: None, or why compiling failed ("ErrorType: first line"); from then on
+            every call runs `eager`.
+        calls: calls that ran the compiled step.
+        compile_seconds: seconds spent in first calls at a new batch size (those that
+            compile), so that speed reports can leave compiling out.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str | None = None) -> None:
+        self.eager = model.decode_step  # the bound method of the class
+        self.compiled = torch.compile(self.eager, mode=mode, dynamic=None)
+        self.failed: str | None = None
+        self.calls = 0
+        self.compile_seconds = 0.0
+        self._batch_sizes: set[int] = set()
+
+    def __call__(self, tokens: Tensor, state: GriffinState) -> tuple[Tensor, GriffinState]:
+        if self.failed is not None:
+            return self.eager(tokens, state)
+        first = tokens.shape[0] not in self._batch_sizes
+        t0 = time.perf_counter()
+        try:
+            out = self.compiled(tokens, state)
+        except Exception as err:  # any compiler failure means eager
+            if self.calls:  # it compiled and ran before: a real error, not the compiler
+                raise
+            self.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            print(
+                f"rgemma: torch.compile of the decode step failed ({self.failed}); "
+                "decoding eagerly",
+                file=sys.stderr,
+            )
+            return self.eager(tokens, state)
+        if first:
+            self._batch_sizes.add(tokens.shape[0])
+            self.compile_seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+def compile_decode(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """Make every later decode step of `model` a `torch.compile`d one (in place).
+
+    Generation (`generate`, `stream`, `ChatSession`, the server) runs one
+    `decode_step(model, ...)` per token; this sets `model.decode_step`, the one
+    attribute it changes, to a `CompiledDecodeStep` of the model's own method (whose
+    public attributes say whether it compiled and how long that took). Batch-1 decode
+    of small models is dominated by per-operator overhead, which compiling removes.
+    The first step compiles (tens of seconds on a CPU); a new batch size recompiles
+    once, after which the batch dimension is dynamic. Prefill is not compiled (its
+    lengths vary). Idempotent.
+
+    Args:
+        model: a `Griffin` (quantized or not).
+        mode: `torch.compile` mode (None: the default).
+
+    Returns:
+        the same model.
+
+    Raises:
+        InputError: `model` has no `decode_step`.
+    """
+    if not callable(getattr(model, "decode_step", None)):
+        raise InputError(f"compile_decode expects a rgemma Griffin, got {type(model).__name__}")
+    if not isinstance(model.decode_step, CompiledDecodeStep):
+        model.decode_step = CompiledDecodeStep(model, mode)
+    return model
+
+
+# ----------------------------------------------------------------------------------
+# Prefill
+# ----------------------------------------------------------------------------------
+@torch.no_grad()
+def prefill(
+    model: torch.nn.Module,
+    tokens: Tensor,
+    segment_pos: Tensor | None = None,
+    state: GriffinState | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool | None = None,
+) -> tuple[Tensor, GriffinState]:
+    """Run a prompt through the model in chunks; return the last logits and the state.
+
+    Memory is bounded by `chunk_size` whatever the prompt length (the state is fixed
+    in size). Exact: chunking gives the logits and state of one call.
+
+    Args:
+        model: a `Griffin`.
+        tokens: (b, t) int64, t >= 1.
+        segment_pos: (b, t) int64, -1 for left padding; None continues from the
+            state's positions (from 0 without a state).
+        state: state to continue from; None starts empty.
+        chunk_size: tokens per model call.
+        progress: show a tqdm bar on stderr; None: only when stderr is a TTY and
+            t > `PROGRESS_MIN_TOKENS`.
+
+    Returns:
+        (logits (b, v) float32 at the last position, new state).
+
+    Raises:
+        InputError: t == 0, chunk_size < 1, or what `Griffin.forward` raises.
+    """
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    t = tokens.shape[1] if tokens.ndim == 2 else 0
+    if t == 0:
+        raise InputError(
+            f"prefill needs at least one token, got tokens of shape {tuple(tokens.shape)}"
+        )
+    if progress is None:
+        progress = t > PROGRESS_MIN_TOKENS and sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t, unit="tok", desc="prefill", file=sys.stderr, leave=False)
+    logits = None
+    try:
+        for start in range(0, t, chunk_size):
+            end = min(t, start + chunk_size)
+            seg = segment_pos[:, start:end] if segment_pos is not None else None
+            logits, state = model(
+                tokens[:, start:end], seg, state, logits="last" if end == t else "none"
+            )
+            if bar is not None:
+                bar.update(end - start)
+    finally:
+        if bar is not None:
+            bar.close()
+    return logits[:, -1], state
+
+
+class PromptPrefill:
+    """One prompt being prefilled piece by piece at batch 1 (`RowEngine.prefill_piece`).
+
+    Args:
+        ids: the prompt's token ids (at least one).
+        start: tokens of `ids` already in `state` (a prefix-cache hit), else 0.
+        state: the state after `ids[:start]` (batch 1), or None to start empty.
+        prompt_logprobs: also compute the logprob of every prompt token after the
+            first (then every piece computes all its logits).
+        top_logprobs: alternatives per prompt token to report with `prompt_logprobs`.
+
+    Attributes:
+        pos: tokens prefilled so far; `done` once it reaches `len(ids)`.
+        state: the state after `ids[:pos]`.
+        logits: (1, v) float32 at the last prompt token, once `done`.
+        prompt_logprobs: with `prompt_logprobs`, one `TokenLogprob` per prompt token
+            prefilled so far, None for the first (nothing predicts it); else None.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[int],
+        *,
+        start: int = 0,
+        state: GriffinState | None = None,
+        prompt_logprobs: bool = False,
+        top_logprobs: int = 0,
+    ) -> None:
+        self.ids = list(ids)
+        self.pos, self.state = start, state
+        self.logits: Tensor | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if prompt_logprobs else None
+        self.top_logprobs = top_logprobs
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.ids)
+
+
+# ----------------------------------------------------------------------------------
+# Per-row text: UTF-8-safe pieces and stop strings
+# ----------------------------------------------------------------------------------
+class RowText:
+    """Decodes one row's ids into text pieces safe to print, and finds stop strings.
+
+    A piece never ends inside a UTF-8 character (the tokenizer's `StreamDecoder`
+    holds back incomplete byte-fallback sequences), and text that may be the start
+    of a stop string is held back until it is known not to be one, so the pieces
+    concatenate exactly to the final text. Work per token is O(piece + longest stop).
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = tuple(stops)
+        self.parts: list[str] = []
+        self.pending = ""  # decoded text held back: it may begin a stop string
+        self.stop_string: str | None = None
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add one id; return (text to release, whether a stop string completed)."""
+        return self._add(self.decoder.push(token_id))
+
+    def finish(self) -> str:
+        """End of the row (EOS or length): release everything held back."""
+        out, hit = self._add(self.decoder.flush())
+        if not hit and self.pending:
+            out += self.pending
+            self.parts.append(self.pending)
+            self.pending = ""
+        return out
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def _add(self, piece: str) -> tuple[str, bool]:
+        if not piece:
+            return "", False
+        if not self.stops:
+            self.parts.append(piece)
+            return piece, False
+        buf = self.pending + piece
+        best: tuple[int, str] | None = None
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            out = buf[: best[0]]
+            self.stop_string, self.pending = best[1], ""
+            self.parts.append(out)
+            return out, True
+        # Hold back the longest suffix of buf that is a proper prefix of a stop string.
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        out, self.pending = buf[: len(buf) - hold], buf[len(buf) - hold :]
+        if out:
+            self.parts.append(out)
+        return out, False
+
+
+# ----------------------------------------------------------------------------------
+# Rows
+# ----------------------------------------------------------------------------------
+def stop_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids that end a row when sampled: EOS, and `<end_of_turn>` where the
+    tokenizer has it. They are never part of a row's `ids` nor fed to the model."""
+    ids = (tokenizer.eos_id, getattr(tokenizer, "end_of_turn_id", None))
+    return frozenset(i for i in ids if i is not None and i >= 0)
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A token's log-probability (natural log, before temperature, over the
+    tokenizer's vocabulary) and the best `len(top)` alternatives at its position, as
+    (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class Row:
+    """One sequence of a batch: its sampling, its progress and how it ended.
+
+    Args:
+        params: how the row samples and stops (`max_new_tokens`, `stop`, `logprobs`).
+        tokenizer: decodes the row's text (`RowText`).
+        prompt_tokens: its prompt's length (BOS included, padding excluded).
+        generator: the row's own `torch.Generator` (on the model's device), or None
+            for torch's global RNG.
+        tag: anything the caller uses to recognise the row (`generate`: the prompt
+            index; the server: the request and choice).
+        keep_state: keep the row's state once it stops, after its prompt and all of
+            `ids` (`state`); a row stopped by a stop string or the length limit stays
+            in the batch one more step to feed its last token, without sampling.
+
+    Attributes:
+        ids: the sampled ids, a final stop token (EOS / `<end_of_turn>`) excluded.
+        sampled: tokens sampled, a final stop token included.
+        logprobs: with `params.logprobs` set, one `TokenLogprob` per entry of `ids`.
+        finish_reason: None while running; "stop" (stop token or stop string) or
+            "length".
+        stop_token_id: the stop token that ended the row, else None.
+        state: with `keep_state`, the row's state (batch 1) once it has stopped.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        tokenizer: Any,
+        prompt_tokens: int,
+        *,
+        generator: torch.Generator | None = None,
+        tag: Any = None,
+        keep_state: bool = False,
+    ) -> None:
+        self.params, self.prompt_tokens = params, prompt_tokens
+        self.generator, self.tag, self.keep_state = generator, tag, keep_state
+        self.text = RowText(tokenizer, params.stop)
+        self.ids: list[int] = []
+        self.sampled = 0
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.stop_token_id: int | None = None
+        self.state: GriffinState | None = None
+        self._feed = False  # stopped, but its last id must still be fed (keep_state)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the row, else None."""
+        return self.text.stop_string
+
+    def __repr__(self) -> str:
+        return (
+            f"Row(tag={self.tag!r}, sampled={self.sampled}, finish_reason={self.finish_reason!r})"
+        )
+
+
+class RowOutput:
+    """What one row did in one engine call.
+
+    Attributes:
+        row: the `Row`.
+        token_id: the id sampled, or None (the row stopped without sampling:
+            `max_new_tokens=0`).
+        text: the text this releases (often ""; see `RowText`).
+        logprob: the sampled id's `TokenLogprob`, when the row asks for logprobs and
+            the id is not a stop token.
+        stop_token: the sampled id is EOS / `<end_of_turn>` (then `text` is only text
+            released by the end of the row).
+    """
+
+    __slots__ = ("logprob", "row", "stop_token", "text", "token_id")
+
+    def __init__(
+        self,
+        row: Row,
+        token_id: int | None,
+        text: str,
+        logprob: TokenLogprob | None = None,
+        stop_token: bool = False,
+    ) -> None:
+        self.row, self.token_id, self.text = row, token_id, text
+        self.logprob, self.stop_token = logprob, stop_token
+
+    @property
+    def finished(self) -> bool:
+        """The row stopped with this output."""
+        return self.row.finish_reason is not None
+
+
+# ----------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------
+class RowEngine:
+    """A running batch of rows over one model: prefill, decode, sample, stop, leave.
+
+    Use: prefill prompts (`prefill_prompts` for a static batch, `prefill_piece` for
+    one prompt piece by piece), `add` the rows with their last logits and state (each
+    samples its first token and joins the batch unless it stopped), then `step` until
+    `rows` is empty. Every call returns the `RowOutput`s of the rows it sampled;
+    rows that stop leave the batch in the same call. `retain` drops rows (cancelled).
+
+    Args:
+        model: a `Griffin` (or a module with its `forward`), in eval mode.
+        tokenizer: its `Tokenizer` (ids >= `tokenizer.vocab_size` are never sampled).
+        batch_rows: state rows to hold for n real rows (>= n); the extra rows repeat
+            the last real row and are never sampled (the server pads decode batches
+            to a few shapes). Default: n.
+
+    Attributes:
+        rows: the rows in the batch, in state order.
+        state: the batch's state (`batch_rows(len(rows))` rows), None when empty.
+        stop_ids: `stop_token_ids(tokenizer)`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        batch_rows: Callable[[int], int] | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model_device(model)
+        self.vocab = tokenizer.vocab_size  # model rows beyond it are never sampled
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.batch_rows = batch_rows or (lambda n: n)
+        self.rows: list[Row] = []
+        self.state: GriffinState | None = None
+        self._next: Tensor | None = None  # (len(rows),) int64: the ids fed next step
+
+    # -- prefill ---------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill_prompts(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        state: GriffinState | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        progress: bool | None = None,
+    ) -> tuple[Tensor, GriffinState]:
+        """Prefill a static batch of prompts together, in chunks.
+
+        Without a state, prompts are left-padded (segment_pos -1, pad id
+        `tokenizer.pad_id`), which is exact. From a state, prompts of one length run
+        as a batch; prompts of different lengths run one by one (left padding between
+        a state and new tokens would not be exact) and their states are stacked.
+
+        Args:
+            prompt_ids: b prompts, each of at least one id.
+            state: the state to continue (batch 1, repeated for every prompt, or b),
+                any device and activation dtype; None starts empty.
+            chunk_size, progress: see `prefill`.
+
+        Returns:
+            (logits (b, v) float32 at each prompt's last token, state of batch b).
+        """
+        model, device, b = self.model, self.device, len(prompt_ids)
+        lengths = [len(p) for p in prompt_ids]
+        if state is None:
+            t = max(lengths)
+            pad = max(self.tokenizer.pad_id, 0)
+            tokens = torch.full((b, t), pad, dtype=torch.long)
+            segment_pos = torch.full((b, t), -1, dtype=torch.long)
+            for r, ids in enumerate(prompt_ids):
+                tokens[r, t - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                segment_pos[r, t - len(ids) :] = torch.arange(len(ids))
+            return prefill(
+                model,
+                tokens.to(device),
+                segment_pos.to(device),
+                None,
+                chunk_size=chunk_size,
+                progress=progress,
+            )
+        state = state.to(device, dtype=activation_dtype(model))
+        if state.batch_size == 1 and b > 1:
+            state = state.select([0] * b)
+        if len(set(lengths)) == 1:
+            tokens = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+            return prefill(model, tokens, None, state, chunk_size=chunk_size, progress=progress)
+        logits, states = [], []
+        for r, ids in enumerate(prompt_ids):
+            tokens = torch.tensor([ids], dtype=torch.long, device=device)
+            lg, st = prefill(
+                model, tokens, None, state.select([r]), chunk_size=chunk_size, progress=progress
+            )
+            logits.append(lg)
+            states.append(st)
+        return torch.cat(logits), concat_states(states)
+
+    @torch.no_grad()
+    def prefill_piece(self, job: PromptPrefill, end: int) -> None:
+        """Run `job.ids[job.pos:end]` (one model call, batch 1) and advance `job`.
+
+        The last piece keeps the logits at the last prompt token (`job.logits`); with
+        `job.prompt_logprobs`, every piece computes all its logits and appends one
+        `TokenLogprob` per prompt token it predicts.
+        """
+        tokens = torch.tensor([job.ids[job.pos : end]], dtype=torch.long, device=self.device)
+        last = end == len(job.ids)
+        mode = "all" if job.prompt_logprobs is not None else ("last" if last else "none")
+        logits, job.state = self.model(tokens, None, job.state, logits=mode)
+        if job.prompt_logprobs is not None:  # logits at i predict ids[i + 1]
+            lp = torch.log_softmax(self._mask(logits[0]), dim=-1)  # (t, v)
+            for t in range(end - job.pos):
+                i = job.pos + t
+                if i + 1 < len(job.ids):
+                    job.prompt_logprobs.append(
+                        _logprob_entry(lp[t], job.ids[i + 1], job.top_logprobs)
+                    )
+        if last:
+            job.logits = logits[:, -1]  # (1, v)
+        job.pos = end
+
+    # -- rows join, decode, leave ------------------------------------------------------
+    @torch.no_grad()
+    def add(self, rows: Sequence[Row], logits: Tensor, state: GriffinState) -> list[RowOutput]:
+        """Rows whose prompts are prefilled: sample each one's first token and let
+        those that did not stop join the batch.
+
+        Args:
+            rows: new rows (not yet in the batch).
+            logits: (len(rows), v) float32 at each row's last prompt token, or (1, v)
+                shared by every row (n choices of one prompt).
+            state: the state after each row's prompt: len(rows) rows, or one row
+                shared by every row.
+
+        Returns:
+            one `RowOutput` per row (rows with `max_new_tokens=0` stop without
+            sampling).
+        """
+        rows = list(rows)
+        if not rows:
+            return []
+        shared = state.batch_size == 1
+
+        def src(i: int) -> int:  # row i's row in `state`
+            return 0 if shared else i
+
+        if logits.shape[0] == 1 and len(rows) > 1:
+            logits = logits.expand(len(rows), -1)  # (n, v)
+        live = [i for i, row in enumerate(rows) if row.params.max_new_tokens > 0]
+        outs: list[RowOutput] = []
+        for i, row in enumerate(rows):
+            if i not in live:
+                row.finish_reason = "length"
+                outs.append(RowOutput(row, None, row.text.finish()))
+        picked = None
+        if live:
+            sub = logits if len(live) == len(rows) else logits[live]
+            live_outs, picked = self._accept([rows[i] for i in live], sub)
+            outs += live_outs
+        join = []
+        for i, row in enumerate(rows):
+            if not row.finished or row._feed:
+                join.append(i)  # sampled, so in `live`
+            elif row.keep_state:
+                row.state = state.select([src(i)])
+        if join:
+            at = {i: j for j, i in enumerate(live)}
+            tokens = _take(picked, [at[i] for i in join])
+            self._join([rows[i] for i in join], state, [src(i) for i in join], tokens)
+        return outs
+
+    @torch.no_grad()
+    def step(self) -> list[RowOutput]:
+        """One decode step of every row in the batch: feed each row's last id, sample
+        the next, apply the stop rules; rows that stop leave the batch.
+
+        Returns:
+            one `RowOutput` per row sampled (rows only feeding their last id for
+            `keep_state` are not sampled).
+        """
+        rows = self.rows
+        if not rows:
+            return []
+        n, size = len(rows), self.state.batch_size
+        tokens = self._next  # (n,) on the device: no host-to-device copy per step
+        if size > n:  # pad rows: any id, never sampled
+            tokens = torch.cat([tokens, tokens.new_zeros(size - n)])
+        live = [i for i, row in enumerate(rows) if not row.finished]
+        if live:
+            logits, self.state = decode_step(self.model, tokens, self.state)
+        else:  # only rows feeding their last id: no logits needed
+            _, self.state = self.model(
+                tokens[:, None], None, self.state, logits="none", validate=False
+            )
+        for i, row in enumerate(rows):
+            if row._feed:  # its state now holds all of its ids
+                row._feed, row.state = False, self.state.select([i])
+        outs: list[RowOutput] = []
+        picked = None
+        if live:
+            logits = logits[: len(live)] if live[-1] == len(live) - 1 else logits[live]
+            outs, picked = self._accept([rows[i] for i in live], logits)
+            for i in live:
+                row = rows[i]
+                if row.finished and row.keep_state and not row._feed:
+                    row.state = self.state.select([i])
+        keep = [i for i, row in enumerate(rows) if not row.finished or row._feed]
+        if len(keep) == n:  # no row left (so none was only feeding): all were sampled
+            self._next = picked
+        else:  # rows kept were all sampled: their next ids are in `picked`
+            at = {i: j for j, i in enumerate(live)}
+            self._select(keep, _take(picked, [at[i] for i in keep]) if keep else None)
+        return outs
+
+    def retain(self, keep: Sequence[int]) -> None:
+        """Keep only the rows at positions `keep` (in that order); the others leave
+        the batch, e.g. those of a cancelled request."""
+        self._select(list(keep))
+
+    def clear(self) -> None:
+        """Drop every row."""
+        self.rows, self.state, self._next = [], None, None
+
+    # -- internals ---------------------------------------------------------------------
+    def _select(self, keep: list[int], tokens: Tensor | None = None) -> None:
+        """Keep the rows at `keep`; `tokens`: the ids they feed next (default: theirs
+        now). Pad rows repeat the last row kept."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.state = self._next = None
+            return
+        pad = self.batch_rows(len(keep)) - len(keep)
+        idx = torch.as_tensor(keep + [keep[-1]] * pad, dtype=torch.long, device=self.device)
+        self.state = self.state.select(idx)
+        self._next = tokens if tokens is not None else self._next.index_select(0, idx[: len(keep)])
+
+    def _join(self, rows: list[Row], state: GriffinState, src: list[int], tokens: Tensor) -> None:
+        """Append `rows` to the batch; `src[i]` is row i's row in `state`, `tokens`
+        (len(rows),) the ids they feed next. The new state is the old rows, then the
+        new, then pad rows (the last row repeated), made with one copy per tensor."""
+        n = len(self.rows)
+        size = self.batch_rows(n + len(rows))
+        src = src + [src[-1]] * (size - n - len(rows))
+        self.rows += rows
+        self._next = tokens if n == 0 else torch.cat([self._next, tokens])
+        if n == 0 and src == list(range(state.batch_size)):
+            self.state = state  # the whole prefilled batch, as it is
+            return
+        if state.batch_size > 1:
+            new = state.select(src)  # a copy
+            self.state = concat_states([self.state.head(n), new]) if n else new
+        else:  # views of the one row, copied once
+            new = state.expand(len(src))
+            self.state = concat_states([self.state.head(n), new] if n else [new])
+
+    def _mask(self, logits: Tensor) -> Tensor:
+        return mask_beyond_vocab(logits, self.vocab)
+
+    def _sample(self, logits: Tensor, rows: list[Row]) -> tuple[list[int], Tensor]:
+        """One id per row, each with its row's parameters and generator: (b, v) ->
+        (b ints, the same (b,) int64 on the device). `.tolist()` is the one host sync
+        of a decode step."""
+        logits = self._mask(logits)
+        groups: dict[tuple, list[int]] = {}  # rows that sample alike
+        for i, row in enumerate(rows):
+            groups.setdefault(row.params.sampler_key, []).append(i)
+        if len(groups) == 1 and ("greedy",) in groups:
+            picked = torch.argmax(logits, dim=-1)
+            return picked.tolist(), picked
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for key, idx in groups.items():
+            whole = len(idx) == len(rows)
+            sub = logits if whole else logits[idx]
+            if key == ("greedy",):
+                picked = torch.argmax(sub, dim=-1)
+            else:
+                gens = [rows[i].generator for i in idx]
+                gens = None if all(g is None for g in gens) else gens
+                picked = rows[idx[0]].params.sample_rows(sub, generator=gens)
+            if whole:
+                return picked.tolist(), picked
+            out[torch.tensor(idx, device=logits.device)] = picked
+        return out.tolist(), out
+
+    def _accept(self, rows: list[Row], logits: Tensor) -> tuple[list[RowOutput], Tensor]:
+        """Sample one id per row and apply the stop rules (the same for every caller).
+        Returns the rows' outputs and their sampled ids, (len(rows),) on the device."""
+        toks, picked = self._sample(logits, rows)
+        outs = []
+        for i, (row, tok) in enumerate(zip(rows, toks)):
+            row.sampled += 1
+            if tok in self.stop_ids:
+                row.finish_reason, row.stop_token_id = "stop", tok
+                outs.append(RowOutput(row, tok, row.text.finish(), stop_token=True))
+                continue
+            row.ids.append(tok)
+            piece, hit = row.text.push(tok)
+            if hit:
+                row.finish_reason = "stop"
+            elif len(row.ids) >= row.params.max_new_tokens:
+                row.finish_reason = "length"
+                piece += row.text.finish()
+            lp = None
+            if row.params.logprobs is not None:
+                lp = _logprob_entry(
+                    torch.log_softmax(self._mask(logits[i]), dim=-1), tok, row.params.logprobs
+                )
+                row.logprobs.append(lp)
+            if row.finished and row.keep_state:
+                row._feed = True  # the state lacks its last id: feed it next step
+            outs.append(RowOutput(row, tok, piece, lp))
+        return outs, picked
+
+
+def _take(t: Tensor, idx: list[int]) -> Tensor:
+    """Rows `idx` of `t`: a view when they are its first rows in order, else a copy."""
+    if idx == list(range(len(idx))):
+        return t[: len(idx)]
+    return t.index_select(0, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+
+
+def _logprob_entry(lp: Tensor, token_id: int, k: int) -> TokenLogprob:
+    """`lp`: (v,) log-softmax of one position."""
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        vals, ids = torch.topk(lp, k)
+        top = list(zip(ids.tolist(), vals.tolist()))
+    return TokenLogprob(token_id, float(lp[token_id]), top)

@@ -1,0 +1,299 @@
+"""Every numeric fast path beside its reference, behind one device-aware dispatcher.
+
+| op | reference | other implementations | module |
+| --- | --- | --- | --- |
+| `scan` (RG-LRU recurrence) | `linear_scan_ref` | `chunked` | `ops/scan.py` |
+| `conv1d` (Griffin Conv1D) | `conv1d_ref` | `shifted` | `ops/conv1d.py` |
+| `attention` (local MQA) | `local_attention_ref` | `sdpa` | `ops/attention.py` |
+| `linear` | `linear_ref` (`F.linear`) | `mv` | `ops/linear.py` |
+| `int8_matmul` (weight-only) | `int8_matmul_ref` | `kernel` | `ops/linear.py` |
+
+The model calls the dispatching functions below (`linear_scan`, `conv1d`,
+`local_attention`, `linear`, `int8_matmul`); each runs the implementation that
+`resolve` names, in this order of precedence:
+
+1. the call's `impl=` argument;
+2. `use(...)` from Python (a plain call, or a `with` block that restores on exit);
+3. the environment variable `RGEMMA_OPS`: `ref` forces every reference,
+   `scan=ref,attention=sdpa` chooses per op (read when the first op runs on a device
+   type, and again after `use` or `reset`);
+4. `auto`: the entry of `AUTO` for the tensor's device type (CPU: the measured fast
+   paths; CUDA and other devices: the paths that are correct there today, plus any
+   Triton kernel `rgemma.ops.triton` provides, imported on first use).
+
+An unknown op or implementation name is an `InputError` that lists the choices;
+`describe(device)` names what each op resolves to; `reset()` drops the `use`
+choices. Every implementation is tested
+against its reference in `tests/ops/` (outputs, final state, gradients).
+Pattern: mamba's `ops/selective_scan_interface.py`; the official JAX code's
+`resolve_scan_type` picks its scan per device in the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from .attention import local_attention_ref, local_attention_sdpa
+from .conv1d import conv1d_ref, conv1d_shifted
+from .linear import int8_matmul_kernel, int8_matmul_ref, linear_mv, linear_ref
+from .scan import linear_scan_chunked, linear_scan_ref
+
+ENV_VAR = "RGEMMA_OPS"
+
+#: Each op's implementations by name; "ref" is the specification.
+IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
+    "scan": {"ref": linear_scan_ref, "chunked": linear_scan_chunked},
+    "conv1d": {"ref": conv1d_ref, "shifted": conv1d_shifted},
+    "attention": {"ref": local_attention_ref, "sdpa": local_attention_sdpa},
+    "linear": {"ref": linear_ref, "mv": linear_mv},
+    "int8_matmul": {"ref": int8_matmul_ref, "kernel": int8_matmul_kernel},
+}
+
+#: What "auto" runs per device type; a type not listed takes "cuda"'s entry.
+#: attention stays "ref" on CPU: "sdpa" measured from 0.6x (bfloat16 decode, window
+#: 2048) to 2x (float32 prefill) of it on a shared 2-core machine, not a clear win.
+AUTO: dict[str, dict[str, str]] = {
+    "cpu": {
+        "scan": "chunked",
+        "conv1d": "shifted",
+        "attention": "ref",
+        "linear": "mv",
+        "int8_matmul": "kernel",
+    },
+    "cuda": {
+        "scan": "chunked",
+        "conv1d": "shifted",
+        "attention": "ref",
+        "linear": "ref",
+        "int8_matmul": "ref",
+    },
+}
+
+
+_triton: dict[str, Callable] | None = None
+
+
+def _triton_kernels() -> dict[str, Callable]:
+    """{op: kernel} from `rgemma.ops.triton` (its `KERNELS`), imported on first use;
+    {} when that module or Triton itself is absent. None ship yet: they plug in here
+    and become the "triton" implementation of their op, chosen by "auto" on CUDA."""
+    global _triton
+    if _triton is None:
+        try:
+            _triton = dict(importlib.import_module(".triton", __name__).KERNELS)
+        except ImportError:
+            _triton = {}
+    return _triton
+
+
+def _choices(op: str) -> dict[str, Callable]:
+    """{name: function} for `op`, the Triton kernel included when there is one."""
+    if op not in IMPLEMENTATIONS:
+        raise InputError(f"unknown op {op!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+    kernel = _triton_kernels().get(op)
+    return IMPLEMENTATIONS[op] if kernel is None else {**IMPLEMENTATIONS[op], "triton": kernel}
+
+
+def _check(op: str, impl: str) -> str:
+    """`impl` if it names an implementation of `op` (or is "auto"), else InputError."""
+    names = _choices(op)
+    if impl != "auto" and impl not in names:
+        raise InputError(f"unknown {op} impl {impl!r}; choose from auto, {', '.join(names)}")
+    return impl
+
+
+def _parse(spec: str | None, source: str) -> dict[str, str]:
+    """Parse `ref` or `scan=ref,attention=sdpa` into {op: impl}; a bare name is every op's."""
+    chosen: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+        op, sep, impl = item.rpartition("=")
+        try:
+            for name in [op.strip()] if sep else IMPLEMENTATIONS:
+                chosen[name] = _check(name, impl.strip())
+        except InputError as e:
+            raise InputError(f"{source}: {e}") from None
+    return chosen
+
+
+_forced: dict[str, str] = {}  # {op: impl} set by use()
+# Per device type, {op: (name, function)}: built on the first call on that device type
+# (reading RGEMMA_OPS then), emptied by use() and reset(). The model's hot path is
+# one lookup here.
+_tables: dict[str, dict[str, tuple[str, Callable]]] = {}
+
+
+def _table(kind: str) -> dict[str, tuple[str, Callable]]:
+    table = _tables.get(kind)
+    if table is None:
+        env = _parse(os.environ.get(ENV_VAR), ENV_VAR)
+        table = {}
+        for op in IMPLEMENTATIONS:
+            name = _forced.get(op) or env.get(op, "auto")
+            if name == "auto":
+                triton = kind == "cuda" and op in _triton_kernels()
+                name = "triton" if triton else AUTO.get(kind, AUTO["cuda"])[op]
+            fn = _triton_kernels()[op] if name == "triton" else IMPLEMENTATIONS[op][name]
+            table[op] = (name, fn)
+        _tables[kind] = table
+    return table
+
+
+def _device_type(device: torch.device | str) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
+def resolve(op: str, device: torch.device | str = "cpu", impl: str | None = None) -> str:
+    """The name of the implementation `op` runs on `device`.
+
+    Args:
+        op: "scan", "conv1d", "attention", "linear" or "int8_matmul".
+        device: a torch device or its type ("cpu", "cuda", ...).
+        impl: a name that overrides every other choice; None or "auto" defers to
+            `use`, then `RGEMMA_OPS`, then `AUTO`.
+
+    Raises:
+        InputError: an unknown op or implementation name (in `impl`, `use` or
+            `RGEMMA_OPS`), listing the choices.
+    """
+    if impl and _check(op, impl) != "auto":
+        return impl
+    _choices(op)  # an unknown op raises
+    return _table(_device_type(device))[op][0]
+
+
+def _impl(op: str, x: Tensor, impl: str | None) -> Callable:
+    if impl is None or impl == "auto":  # the hot path: one lookup
+        return _table("cpu" if x.is_cpu else x.device.type)[op][1]
+    return _choices(op)[_check(op, impl)]
+
+
+def describe(device: torch.device | str = "cpu") -> dict[str, str]:
+    """{op: implementation name} that each op runs now on `device` (for logs)."""
+    return {op: name for op, (name, _) in _table(_device_type(device)).items()}
+
+
+def reset() -> None:
+    """Forget every `use` choice and read `RGEMMA_OPS` again at the next op."""
+    _forced.clear()
+    _tables.clear()
+
+
+class use:
+    """Force implementations from Python, before `RGEMMA_OPS` and `AUTO`.
+
+    `use("ref")` forces every reference; `use(scan="ref", attention="sdpa")` or
+    `use("scan=ref,attention=sdpa")` choose per op; "auto" undoes an earlier choice
+    (back to `RGEMMA_OPS`, then `AUTO`). A plain call lasts until changed (or
+    `reset()`); as a context manager (`with use("ref"): ...`) it restores the
+    previous choices on exit. Process-wide, not per thread.
+
+    Raises:
+        InputError: an unknown op or implementation name, listing the choices (and
+            nothing is changed).
+    """
+
+    def __init__(self, spec: str | None = None, **choices: str):
+        chosen = _parse(spec, "use")
+        for op, impl in choices.items():
+            chosen[op] = _check(op, impl)
+        self._previous = dict(_forced)
+        for op, impl in chosen.items():
+            if impl == "auto":
+                _forced.pop(op, None)  # back to RGEMMA_OPS, then AUTO
+            else:
+                _forced[op] = impl
+        _tables.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _forced.clear()
+        _forced.update(self._previous)
+        _tables.clear()
+
+
+# ----------------------------------------------------------------------------------
+# The dispatching functions the model calls (arguments as in each reference)
+# ----------------------------------------------------------------------------------
+def linear_scan(
+    a: Tensor, x: Tensor, h0: Tensor | None = None, *, impl: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """`h_t = a_t * h_{t-1} + x_t`: a, x (b, t, e), h0 (b, e) float32 or None ->
+    (y (b, t, e) in x's dtype, h_last (b, e) float32). See `ops.scan`."""
+    return _impl("scan", x, impl)(a, x, h0)
+
+
+def conv1d(
+    x: Tensor,
+    segment_pos: Tensor,
+    conv_state: Tensor,
+    w: Tensor,
+    b: Tensor,
+    *,
+    impl: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Griffin's Conv1D: x (b, t, e), segment_pos (b, t), conv_state (b, k, e),
+    w (k + 1, e), b (e,) -> (out (b, t, e), new conv_state). See `ops.conv1d`."""
+    return _impl("conv1d", x, impl)(x, segment_pos, conv_state, w, b)
+
+
+def local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    q_doc: Tensor,
+    k_doc: Tensor,
+    window: int,
+    self_offset: int,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """Local multi-query attention: q (b, t, h, hd) pre-scaled, k, v (b, s, hd),
+    positions and documents (b, t) / (b, s) -> (b, t, h, hd). See `ops.attention`."""
+    fn = _impl("attention", q, impl)
+    return fn(q, k, v, q_pos, k_pos, q_doc, k_doc, window, self_offset)
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl: str | None = None
+) -> Tensor:
+    """`F.linear(x, weight, bias)`: x (..., k), weight (n, k) -> (..., n). See `ops.linear`."""
+    return _impl("linear", x, impl)(x, weight, bias)
+
+
+def int8_matmul(
+    x: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    scale_bf16: Tensor | None = None,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """`x @ (q * scale[:, None]).T`: x (..., k), q (n, k) int8, scale (n,) float32
+    -> (..., n) in x's dtype. See `ops.linear`."""
+    return _impl("int8_matmul", x, impl)(x, q, scale, scale_bf16)
+
+
+__all__ = [
+    "AUTO",
+    "ENV_VAR",
+    "IMPLEMENTATIONS",
+    "conv1d",
+    "describe",
+    "int8_matmul",
+    "linear",
+    "linear_scan",
+    "local_attention",
+    "reset",
+    "resolve",
+    "use",
+]
