@@ -116,6 +116,50 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: CPU flags that decide which matmul kernels are fast (Linux /proc/cpuinfo names).
+FEATURE_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's vendor and the flags of `FEATURE_FLAGS` it has (from /proc/cpuinfo),
+    and the instruction set torch's CPU kernels dispatch to."""
+    vendor, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    try:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError):
+        capability = None
+    return {
+        "vendor": vendor,
+        "flags": [f for f in FEATURE_FLAGS if f in flags],
+        "torch_cpu_capability": capability,
+    }
+
+
 def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -145,7 +189,10 @@ def measure_machine(
         torch version and threads, `bandwidth_copy_gbs` (a large tensor copy: bytes
         read + written / s, median), `bandwidth_read_gbs` (a large tensor sum: bytes
         read / s), `bandwidth_gbs` (the larger: the limit used for efficiency),
-        `matmul_fp32_gflops` and `matmul_bf16_gflops` (median), load average.
+        `matmul_fp32_gflops` and `matmul_bf16_gflops` (median, all threads),
+        `matmul_{fp32,bf16}_gflops_per_core` (1 thread, process CPU time, best run:
+        unaffected by other jobs), `cpu_features` (vendor, flags such as avx512_bf16
+        and amx_bf16, torch's CPU dispatch level), load average.
     """
     import torch
 
@@ -175,12 +222,35 @@ def measure_machine(
             return None
 
     fp32, bf16 = gflops(torch.float32), gflops(torch.bfloat16)
+
+    def gflops_per_core(dtype) -> float | None:
+        # 1 thread, process CPU time (other jobs on the machine do not inflate it);
+        # the best of the runs.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            a = torch.randn(matmul_n, matmul_n).to(dtype)
+            b = torch.randn(matmul_n, matmul_n).to(dtype)
+            a @ b
+            best = float("inf")
+            for _ in range(max(2, repeats // 2)):
+                c0 = time.process_time()
+                a @ b
+                best = min(best, time.process_time() - c0)
+            return 2 * matmul_n**3 / max(best, 1e-9) / 1e9
+        except RuntimeError:
+            return None
+        finally:
+            torch.set_num_threads(threads)
+
+    fp32_core, bf16_core = gflops_per_core(torch.float32), gflops_per_core(torch.bfloat16)
     try:
         load = os.getloadavg()
     except OSError:
         load = None
     return {
         "cpu": _cpu_model(),
+        "cpu_features": cpu_features(),
         "cores_logical": os.cpu_count(),
         "cores_physical": physical,
         "memory_total_bytes": total_memory(),
@@ -200,6 +270,8 @@ def measure_machine(
         "matmul_fp32": fp32,
         "matmul_bf16_gflops": bf16["median"] if bf16 else None,
         "matmul_bf16": bf16,
+        "matmul_fp32_gflops_per_core": fp32_core,
+        "matmul_bf16_gflops_per_core": bf16_core,
         "load_average": load,
     }
 

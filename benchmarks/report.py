@@ -37,6 +37,7 @@ def prefill_rows(runs: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "tokens_per_s": rec.get("tokens_per_s"),
                     "tokens_per_s_min": rec.get("tokens_per_s_min"),
                     "tokens_per_s_max": rec.get("tokens_per_s_max"),
+                    "tokens_per_cpu_s": rec.get("tokens_per_cpu_s"),
                     "n": rec.get("seconds", {}).get("n"),
                     "peak_rss": rec.get("peak_rss"),
                     "note": rec.get("reason") or rec.get("error"),
@@ -61,6 +62,7 @@ def decode_rows(runs: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "tokens_per_s": rec.get("tokens_per_s"),
                     "tokens_per_s_min": rec.get("tokens_per_s_min"),
                     "tokens_per_s_max": rec.get("tokens_per_s_max"),
+                    "tokens_per_cpu_s": rec.get("tokens_per_cpu_s"),
                     "step_s": rec.get("seconds", {}).get("median"),
                     "n": rec.get("seconds", {}).get("n"),
                     "weight_bytes": rec.get("weight_bytes"),
@@ -258,6 +260,7 @@ TABLES: tuple[tuple[tuple[str, ...], str, list[tuple[str, Any]]], ...] = (
             ("prompt", "length"),
             ("tok/s", "tokens_per_s"),
             ("min-max", _spread),
+            ("tok/cpu-s", "tokens_per_cpu_s"),
             ("n", "n"),
             ("peak GiB", _per("peak_rss", GiB)),
             ("status", _status),
@@ -272,6 +275,7 @@ TABLES: tuple[tuple[tuple[str, ...], str, list[tuple[str, Any]]], ...] = (
             ("position", "position"),
             ("tok/s", "tokens_per_s"),
             ("min-max", _spread),
+            ("tok/cpu-s", "tokens_per_cpu_s"),
             ("steps", "n"),
             ("state MB", _per("state_bytes", 1e6)),
             ("peak GiB", _per("peak_rss", GiB)),
@@ -387,6 +391,26 @@ def _notes(results: Mapping[str, Any], section: str) -> list[str]:
     return out
 
 
+def machine_features(m: Mapping[str, Any]) -> str:
+    """ "CPU features ...; per core: matmul .. / .. GFLOP/s fp32 / bf16" (older
+    results without them: "")."""
+    parts = []
+    feats = m.get("cpu_features")
+    if feats:
+        flags = " ".join(feats.get("flags") or []) or "none of note"
+        parts.append(
+            f"CPU {feats.get('vendor') or '?'}, features {flags}, torch dispatch "
+            f"{feats.get('torch_cpu_capability') or '?'}"
+        )
+    if m.get("matmul_fp32_gflops_per_core"):
+        parts.append(
+            f"per core (1 thread, CPU time): matmul "
+            f"{m['matmul_fp32_gflops_per_core']:.0f} GFLOP/s fp32 / "
+            f"{(m.get('matmul_bf16_gflops_per_core') or 0):.0f} bf16"
+        )
+    return "; ".join(parts)
+
+
 def tables(results: Mapping[str, Any]) -> str:
     """All result tables as plain text."""
     m, opts = results["machine"], results["options"]
@@ -401,7 +425,8 @@ def tables(results: Mapping[str, Any]) -> str:
     )
     gemma = f", Gemma baseline {params['gemma']:,}" if params.get("gemma") else ""
     shape = f"shape: {opts['shape']} (Griffin {params['griffin']:,} params{gemma})"
-    out = [machine, f"{shape}, dtype {opts['dtype']}"]
+    out = [machine] + [f for f in [machine_features(m)] if f]
+    out.append(f"{shape}, dtype {opts['dtype']}")
     # Decode tables show the sweep's positions; those the sampling figure integrates
     # over are in results.json.
     sweep = set(opts["decode_positions"])
@@ -683,7 +708,8 @@ def write_results_md(
             f"{m['bandwidth_gbs']:.1f} GB/s (copy {m['bandwidth_copy_gbs']:.1f}, read "
             f"{m['bandwidth_read_gbs']:.1f}), matmul {m['matmul_fp32_gflops']:.0f} GFLOP/s "
             f"fp32 / {(m['matmul_bf16_gflops'] or 0):.0f} bf16; load average at start "
-            f"{_load(m['load_average'])}.\n"
+            f"{_load(m['load_average'])}."
+            + (f" {machine_features(m)}.\n" if machine_features(m) else "\n")
         )
         parts.append("```\n" + tables(res) + "\n```\n")
         pngs = sorted(p.name for p in d.glob("*.png"))

@@ -244,17 +244,19 @@ class _Worker:
         # The first full run is dropped as a warm-up too when it is short.
         ad.prefill(tokens[:, : min(length, 64)])
         times: list[float] = []
+        cpu: list[float] = []  # process CPU time of each run (all threads)
         warm = False
         max_runs = int(task.get("repeats", 3))
         while True:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ad.prefill(tokens)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if not times and not warm and dt * 3 <= self.target and max_runs > 1:
                 warm = True
                 self.history.setdefault(key, []).append((length, dt))
                 continue
             times.append(dt)
+            cpu.append(dc)
             if len(times) >= max_runs or sum(times) >= self.target:
                 break
         if not warm:
@@ -265,6 +267,8 @@ class _Worker:
             "tokens_per_s": batch * length / s["median"],
             "tokens_per_s_min": batch * length / s["max"],
             "tokens_per_s_max": batch * length / s["min"],
+            "cpu_seconds": summarize(cpu),
+            "tokens_per_cpu_s": batch * length / statistics.median(cpu),
             "full_warmup": warm,
         }
 
@@ -279,15 +283,16 @@ class _Worker:
         t0 = time.perf_counter()
         ad.start_decode(batch, position, fill)
         fill_s = time.perf_counter() - t0
-        times = []
+        times, cpu = [], []  # wall and process CPU time (all threads) per step
         warmup = int(task.get("warmup", 2))
         steps = int(task.get("steps", 8))
         for i in range(warmup + steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ad.step()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i >= warmup:
                 times.append(dt)
+                cpu.append(dc)
             if len(times) >= 2 and sum(times) >= self.target:
                 break
         s = summarize(times)
@@ -296,6 +301,8 @@ class _Worker:
             "tokens_per_s": batch / s["median"],
             "tokens_per_s_min": batch / s["max"],
             "tokens_per_s_max": batch / s["min"],
+            "cpu_seconds": summarize(cpu),
+            "tokens_per_cpu_s": batch / statistics.median(cpu),
             "state_bytes": ad.state_bytes(),
             "fill": fill,
             "fill_s": fill_s,

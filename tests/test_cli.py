@@ -60,6 +60,8 @@ def test_generate_streams_one_prompt(capsys, model_dir):
             model_dir,
             "--max-new-tokens",
             "12",
+            "--temperature",
+            "0",
             "--threads",
             "1",
         ],
@@ -82,7 +84,16 @@ def test_generate_quantize_and_compile_options(capsys, monkeypatch, model_dir):
         return fn
 
     monkeypatch.setattr(gen_mod.torch, "compile", fake_compile)
-    argv = ["generate", "Hello world", "--model", model_dir, "--max-new-tokens", "10"]
+    argv = [
+        "generate",
+        "Hello world",
+        "--model",
+        model_dir,
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "0",
+    ]
     rc, out, err = run(capsys, argv + ["--quantize", "int8", "--compile"])
     assert rc == 0 and err == ""
     assert len(compiled) == 1 and compiled[0].__name__ == "decode_step"
@@ -106,6 +117,8 @@ def test_generate_file_batch(capsys, model_dir, tmp_path):
             model_dir,
             "--max-new-tokens",
             "6",
+            "--temperature",
+            "0",
             "--stop",
             "\\n\\n",
         ],
@@ -122,10 +135,29 @@ def test_generate_stdin_and_invalid_utf8(capsys, monkeypatch, model_dir):
     set_stdin(monkeypatch, b"Hello \xff world\n")
     rc, out, err = run(
         capsys,
-        ["generate", "-", "--model", model_dir, "--max-new-tokens", "5", "--verbose", "--chat"],
+        [
+            "generate",
+            "-",
+            "--model",
+            model_dir,
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--verbose",
+            "--chat",
+        ],
     )
     assert rc == 0
     lines = err.strip().splitlines()
+    # --verbose also names each op's kernel and the per-machine measured choices.
+    kernels = [line for line in lines if line.startswith("kernels: ")]
+    assert len(kernels) == 1 and "linear 1 row, float32 (" in kernels[0]
+    lines = [line for line in lines if not line.startswith("kernels: ")]
+    # ... and the thread count, the OpenMP wait policy and the sampling parameters.
+    setup = [line for line in lines if line.startswith("threads: ")]
+    assert len(setup) == 1 and "OMP_WAIT_POLICY" in setup[0] and "temperature=0.0" in setup[0]
+    lines = [line for line in lines if not line.startswith("threads: ")]
     assert len(lines) == 2
     assert "warning" in lines[0] and "UTF-8" in lines[0] and "replaced" in lines[0]
     for word in ("prompt tokens", "generated tokens", "prefill", "decode", "tok/s", "bytes"):
@@ -190,6 +222,8 @@ def test_chat_save_and_continue(capsys, monkeypatch, model_dir, tmp_path):
             model_dir,
             "--max-new-tokens",
             "6",
+            "--temperature",
+            "0",
             "--system",
             "Be brief.",
             "--save-state",
@@ -206,7 +240,18 @@ def test_chat_save_and_continue(capsys, monkeypatch, model_dir, tmp_path):
 
     set_stdin(monkeypatch, b"And then?\n/exit\nnot read\n")
     rc, out, err = run(
-        capsys, ["chat", "--model", model_dir, "--max-new-tokens", "6", "--load-state", state]
+        capsys,
+        [
+            "chat",
+            "--model",
+            model_dir,
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--load-state",
+            state,
+        ],
     )
     assert rc == 0, err
     assert out == ref.send("And then?") + "\n"
@@ -224,7 +269,18 @@ def test_chat_ctrl_c_exits_130_and_saves(capsys, monkeypatch, model_dir, tmp_pat
 
     monkeypatch.setattr("builtins.input", fake_input)
     rc, _, err = run(
-        capsys, ["chat", "--model", model_dir, "--max-new-tokens", "4", "--save-state", state]
+        capsys,
+        [
+            "chat",
+            "--model",
+            model_dir,
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--save-state",
+            state,
+        ],
     )
     assert rc == 130
     assert "Traceback" not in err and "error" not in err
@@ -317,7 +373,17 @@ def test_chat_help_unknown_command_and_system_with_load_state(
 ):
     state = str(tmp_path / "h.state")
     set_stdin(monkeypatch, b"/help\n/frobnicate\nHello\n")
-    argv = ["chat", "--model", model_dir, "--max-new-tokens", "4", "--save-state", state]
+    argv = [
+        "chat",
+        "--model",
+        model_dir,
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--save-state",
+        state,
+    ]
     rc, out, err = run(capsys, argv)
     assert rc == 0, err
     assert "/reset" in err and "/exit" in err and "/help" in err
@@ -380,6 +446,8 @@ def test_subprocess_python_m(model_dir, tmp_path):
             model_dir,
             "--max-new-tokens",
             "7",
+            "--temperature",
+            "0",
         ],
         check=False,
         capture_output=True,
@@ -390,6 +458,16 @@ def test_subprocess_python_m(model_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     expected = generate(tiny_model(), tokenizer(), "Hello world", max_new_tokens=7)[0]
     assert p.stdout == expected.text + "\n"
+    # The inference commands set OMP_WAIT_POLICY=PASSIVE before torch loads, unless set.
+    argv = [sys.executable, "-m", "rgemma", "generate", "Hi", "--model", model_dir]
+    argv += ["--max-new-tokens", "2", "--verbose"]
+    env = _env()
+    env.pop("OMP_WAIT_POLICY", None)
+    p = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and "OMP_WAIT_POLICY=PASSIVE (rgemma's default" in p.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    p = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and "OMP_WAIT_POLICY=ACTIVE (set by the user)" in p.stderr
 
     missing = str(tmp_path / "nope")
     p = subprocess.run(
@@ -418,7 +496,18 @@ def test_console_script_and_stdin_bytes(model_dir):
     if not os.path.exists(exe):
         pytest.skip("the rgemma console script is not installed")
     p = subprocess.run(
-        [exe, "generate", "--file", "-", "--model", model_dir, "--max-new-tokens", "3"],
+        [
+            exe,
+            "generate",
+            "--file",
+            "-",
+            "--model",
+            model_dir,
+            "--max-new-tokens",
+            "3",
+            "--temperature",
+            "0",
+        ],
         input=b"ok \xc3\x28 line\n",
         check=False,
         capture_output=True,
@@ -444,8 +533,116 @@ def test_load_api(model_dir, mismatched_dir):
 
 def test_chat_invalid_utf8_line_is_replaced(capsys, monkeypatch, model_dir):
     set_stdin(monkeypatch, b"Hi \xff there\n")
-    rc, out, err = run(capsys, ["chat", "--model", model_dir, "--max-new-tokens", "5"])
+    rc, out, err = run(
+        capsys, ["chat", "--model", model_dir, "--max-new-tokens", "5", "--temperature", "0"]
+    )
     assert rc == 0
     assert "replaced" in err and err.count("\n") == 1
     ref = ChatSession(tiny_model(), tokenizer(), max_new_tokens=5)
     assert out == ref.send("Hi \ufffd there") + "\n"
+
+
+# ----------------------------------------------------------------------------------
+# Sampling defaults and the logits-processor options
+# ----------------------------------------------------------------------------------
+def test_generate_defaults_sample_and_are_shown_in_help(capsys, model_dir):
+    from rgemma.defaults import SAMPLING
+    from rgemma.sampling import default_sampling
+
+    argv = ["generate", "Hello", "--model", model_dir, "--max-new-tokens", "8", "--seed", "5"]
+    rc, out, err = run(capsys, argv)
+    assert rc == 0, err
+    want = generate(
+        tiny_model(), tokenizer(), "Hello", sampling=default_sampling(max_new_tokens=8, seed=5)
+    )[0]
+    assert out == want.text + "\n"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {SAMPLING['temperature']:g})" in text and "0 = greedy" in text
+    assert f"(default {SAMPLING['top_p']:g})" in text
+    assert f"(default {SAMPLING['repetition_penalty']:g} when sampling" in text
+    for option in ("--presence-penalty", "--frequency-penalty", "--logit-bias", "--min-tokens"):
+        assert option in text
+    assert "--ignore-eos" in text
+
+
+def test_generate_logits_processor_options(capsys, model_dir):
+    argv = ["generate", "Hello", "--model", model_dir, "--max-new-tokens", "8"]
+    argv += ["--temperature", "0", "--repetition-penalty", "1.3", "--frequency-penalty", "0.5"]
+    argv += ["--presence-penalty", "0.25", "--logit-bias", "77=4", "--logit-bias", "20=-100"]
+    argv += ["--min-tokens", "3", "--ignore-eos"]
+    rc, out, err = run(capsys, argv)
+    assert rc == 0, err
+    want = generate(
+        tiny_model(),
+        tokenizer(),
+        "Hello",
+        max_new_tokens=8,
+        repetition_penalty=1.3,
+        frequency_penalty=0.5,
+        presence_penalty=0.25,
+        logit_bias={77: 4.0, 20: -100.0},
+        min_tokens=3,
+        ignore_eos=True,
+    )[0]
+    assert out == want.text + "\n" and len(want.token_ids) == 8
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--repetition-penalty", "0"], "^rgemma: error: --repetition-penalty must be"),
+        (["--presence-penalty", "3"], "^rgemma: error: --presence-penalty must be"),
+        (["--min-tokens", "9"], "^rgemma: error: --min-tokens .*9.* must not exceed"),
+        (["--logit-bias", "77"], "--logit-bias: expected ID=BIAS"),
+        (["--logit-bias", "77=500"], "--logit-bias: expected ID=BIAS"),
+        (["--logit-bias", "5000=1"], "^rgemma: error: logit_bias token id 5000 is outside"),
+    ],
+)
+def test_logits_processor_option_errors_are_one_line(capsys, model_dir, extra, pattern):
+    import re
+
+    argv = ["generate", "Hello", "--model", model_dir, "--max-new-tokens", "8", *extra]
+    try:
+        rc = main(argv)
+    except SystemExit as exit:  # argparse's usage error
+        rc = exit.code
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(pattern, err, re.MULTILINE), err
+    assert "Traceback" not in err
+
+
+def test_chat_ctrl_c_during_a_reply_keeps_the_conversation(capsys, monkeypatch, model_dir):
+    """Ctrl-C while a reply streams stops it and returns to the prompt; the session
+    keeps only complete turns, so the next reply is that of a fresh conversation."""
+    original = ChatSession.send_stream
+    sessions = []
+
+    def interrupted_once(self, text):
+        sessions.append(self)
+        stream = original(self, text)
+        if len(sessions) > 1:
+            return stream
+
+        def pieces():
+            yield next(stream)
+            raise KeyboardInterrupt
+
+        return pieces()
+
+    monkeypatch.setattr(ChatSession, "send_stream", interrupted_once)
+    set_stdin(monkeypatch, b"Hello\nHi there\n")
+    argv = ["chat", "--model", model_dir, "--max-new-tokens", "6", "--temperature", "0"]
+    rc, out, err = run(capsys, argv)
+    assert rc == 0, err
+    assert "reply stopped" in err and "Traceback" not in err
+    ref = ChatSession(tiny_model(), tokenizer(), max_new_tokens=6)
+    assert out.endswith("\n" + ref.send("Hi there") + "\n")
+    assert sessions[-1].turns == 1 and sessions[-1].messages[0]["content"] == "Hi there"
+
+
+def test_serve_default_max_tokens_options_are_checked(capsys):
+    rc = main(["serve", "--max-tokens", "100", "--max-tokens-default", "200", "--model", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--max-tokens-default (200) must not exceed --max-tokens (100)" in err

@@ -633,3 +633,193 @@ def test_compile_decode_is_one_documented_attribute(monkeypatch):
         step(torch.tensor([5]), state)
         step(torch.tensor([6]), state)
     assert step.calls == 2 and step.compile_seconds > 0.0
+
+
+# ----------------------------------------------------------------------------------
+# Logits processors: penalties, logit bias, min_tokens, ignore_eos
+# ----------------------------------------------------------------------------------
+def _reference_greedy(model, prompt, n, process):
+    """Greedy decoding by full forward passes, `process(logits (1, v), prompt, out)`
+    changing the last logits: the spec the engine's processors are checked against."""
+    out: list[int] = []
+    for _ in range(n):
+        logits, _ = model(torch.tensor([prompt + out]))
+        x = process(logits[:, -1].float(), prompt, out)
+        out.append(int(torch.argmax(x, dim=-1)))
+    return out
+
+
+def test_repetition_penalty_matches_hf_processor():
+    transformers = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 4
+    ids = torch.randint(0, 50, (3, 12), generator=g)
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter(1, ids, True)
+    from rgemma.sampling import apply_repetition_penalty
+
+    for penalty in (1.3, 0.7):
+        want = transformers.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        got = apply_repetition_penalty(logits, seen, penalty)
+        torch.testing.assert_close(got, want)
+    per_row = torch.tensor([[1.3], [1.0], [0.7]])
+    got = apply_repetition_penalty(logits, seen, per_row)
+    torch.testing.assert_close(got[1], logits[1])
+    torch.testing.assert_close(got[2], apply_repetition_penalty(logits, seen, 0.7)[2])
+
+
+def test_presence_frequency_bias_and_suppress_values():
+    from rgemma.sampling import apply_logit_bias, apply_presence_frequency_penalty, suppress_tokens
+
+    logits = torch.tensor([[1.0, 2.0, 3.0, -1.0]])
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    got = apply_presence_frequency_penalty(logits, counts, 0.5, 0.25)
+    assert got.tolist() == [[1.0, 2.0 - 0.25 - 0.5, 3.0 - 0.75 - 0.5, -1.0]]
+    assert apply_logit_bias(logits, torch.tensor([0.0, 0.0, -100.0, 5.0])).tolist() == [
+        [1.0, 2.0, -97.0, 4.0]
+    ]
+    two = torch.cat([logits, logits])
+    out = suppress_tokens(two, torch.tensor([1, 2]), torch.tensor([True, False]))
+    assert out[0].tolist() == [1.0, float("-inf"), float("-inf"), -1.0]
+    assert out[1].tolist() == logits[0].tolist() and two[0, 1] == 2.0  # not in place
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"repetition_penalty": 1.5},
+        {"repetition_penalty": 0.8},
+        {"frequency_penalty": 1.5},
+        {"presence_penalty": 2.0, "frequency_penalty": -0.5},
+        {"repetition_penalty": 1.2, "presence_penalty": 0.5, "logit_bias": {7: 3.0, 9: -2.0}},
+    ],
+)
+def test_penalised_greedy_equals_full_forward_reference(model, tok, fields):
+    """The engine's device-side counts give the tokens of a loop that recomputes the
+    penalties from the ids (the prompt counts for the repetition penalty only), in a
+    batch of prompts of different lengths."""
+    from rgemma.sampling import (
+        apply_logit_bias,
+        apply_presence_frequency_penalty,
+        apply_repetition_penalty,
+    )
+
+    params = SamplingParams(max_new_tokens=12, **fields)
+    v = model.config.vocab_size
+    bias = torch.zeros(v)
+    for i, b in params.logit_bias:
+        bias[i] = b
+
+    def process(x, prompt, out):
+        x = apply_logit_bias(x, bias)
+        seen = torch.zeros(1, v, dtype=torch.bool)
+        seen[0, prompt + out] = True
+        x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=v).float()[None]
+        x = apply_presence_frequency_penalty(
+            x, counts, params.presence_penalty, params.frequency_penalty
+        )
+        x[0, tok.vocab_size :] = float("-inf")
+        x[0, [tok.eos_id, tok.end_of_turn_id]] = float("-inf")  # never stop early here
+        return x
+
+    prompts = [random_ids(6, 200), random_ids(11, 201)]
+    res = generate(model, tok, prompts, sampling=params.replace(ignore_eos=True))
+    for p, r in zip(prompts, res):
+        assert r.token_ids == _reference_greedy(model, p, 12, process)
+    plain = generate(model, tok, prompts, max_new_tokens=12, ignore_eos=True)
+    assert [r.token_ids for r in plain] != [r.token_ids for r in res]
+
+
+def test_logit_bias_forces_and_bans_tokens(model, tok):
+    p = random_ids(5, 210)
+    forced = generate(model, tok, [p], max_new_tokens=6, logit_bias={77: 100.0})[0]
+    assert forced.token_ids == [77] * 6
+    plain = generate(model, tok, [p], max_new_tokens=6)[0]
+    first = plain.token_ids[0]
+    banned = generate(model, tok, [p], max_new_tokens=6, logit_bias={str(first): -100})[0]
+    assert first not in banned.token_ids
+    # sampling sees the bias too
+    sampled = generate(
+        model, tok, [p], max_new_tokens=6, temperature=1.0, seed=0, logit_bias={77: 100}
+    )[0]
+    assert sampled.token_ids == [77] * 6
+    with pytest.raises(InputError, match="logit_bias token id 400 is outside"):
+        generate(model, tok, [p], max_new_tokens=2, logit_bias={400: 1.0})
+
+
+def test_min_tokens_and_ignore_eos(model, tok):
+    sm = ScriptedModel(model, after=tok.eos_id)
+    p = random_ids(4, 220)
+    hello = tok.encode("Hello world", add_bos=False)
+    sm.script(p, hello)  # then EOS forever
+    res = generate(sm, tok, [p], max_new_tokens=10)[0]
+    assert res.token_ids == hello and res.finish_reason == "stop"
+    res = generate(sm, tok, [p], max_new_tokens=20, min_tokens=len(hello) + 3)[0]
+    assert len(res.token_ids) == len(hello) + 3 and res.token_ids[: len(hello)] == hello
+    assert tok.eos_id not in res.token_ids and res.finish_reason == "stop"
+    res = generate(sm, tok, [p], max_new_tokens=10, ignore_eos=True)[0]
+    assert len(res.token_ids) == 10 and res.finish_reason == "length"
+    # before min_tokens a stop string does not stop the row either
+    res = generate(sm, tok, [p], max_new_tokens=10, stop="world", min_tokens=len(hello) + 1)[0]
+    assert res.text.startswith("Hello world") and len(res.token_ids) == len(hello) + 1
+    res = generate(sm, tok, [p], max_new_tokens=10, stop="world")[0]
+    assert res.text == "Hello " and res.finish_reason == "stop"
+
+
+def test_penalties_in_a_running_batch_equal_each_row_alone(model, tok):
+    """Rows with different processors join and leave a running batch: each gets the
+    tokens it gets alone (the counts follow the rows)."""
+    engine = RowEngine(model, tok, batch_rows=lambda n: 4 if n > 1 else n)
+    p0, p1, p2 = random_ids(8, 230), random_ids(5, 231), random_ids(6, 232)
+    a = SamplingParams(max_new_tokens=9, repetition_penalty=1.5, ignore_eos=True)
+    b = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    c = SamplingParams(max_new_tokens=7, frequency_penalty=2.0, ignore_eos=True)
+    rows = []
+    for p, params in ((p0, a), (p1, b)):
+        logits, state = engine.prefill_prompts([p])
+        rows.append(Row(params, tok, len(p), prompt_ids=p))
+        engine.add([rows[-1]], logits, state)
+        engine.step()
+    for _ in range(4):  # b leaves
+        engine.step()
+    logits, state = engine.prefill_prompts([p2])
+    rows.append(Row(c, tok, len(p2), prompt_ids=p2))
+    engine.add([rows[-1]], logits, state)
+    while engine.rows:
+        engine.step()
+    for p, params, row in zip((p0, p1, p2), (a, b, c), rows):
+        assert row.ids == generate(model, tok, [p], sampling=params)[0].token_ids
+
+
+def test_sampling_params_processor_fields_are_checked():
+    for fields, name in (
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {5: 101}}, "logit_bias"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 9, "max_new_tokens": 8}, "min_tokens"),
+    ):
+        with pytest.raises(InputError, match=name):
+            SamplingParams(**fields)
+    p = SamplingParams(logit_bias={"5": 1, 3: -2.5})
+    assert p.logit_bias == ((3, -2.5), (5, 1.0)) and p.adjusts_logits and not p.penalized
+
+
+def test_default_sampling_reads_well_and_zero_temperature_is_plain_greedy():
+    from rgemma.sampling import DEFAULT_SAMPLING, default_sampling
+
+    d = default_sampling()
+    assert (d.temperature, d.top_p, d.repetition_penalty) == (
+        DEFAULT_SAMPLING["temperature"],
+        DEFAULT_SAMPLING["top_p"],
+        DEFAULT_SAMPLING["repetition_penalty"],
+    )
+    g = default_sampling(temperature=0.0, max_new_tokens=5)
+    assert g.greedy and g.repetition_penalty == 1.0 and g.max_new_tokens == 5
+    assert default_sampling(temperature=0, repetition_penalty=1.3).repetition_penalty == 1.3
+    assert default_sampling(top_p=None, seed=3).top_p == DEFAULT_SAMPLING["top_p"]

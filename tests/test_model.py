@@ -2,6 +2,7 @@
 invariants (chunked prefill, decode, batching, packing, fixed-size state)."""
 
 import dataclasses
+import importlib
 import itertools
 
 import pytest
@@ -404,23 +405,158 @@ def test_state_has_row_major_strides_whatever_the_call_length():
                 assert list(t.stride()) == expect, (n, t.shape, t.stride())
 
 
-def test_linear_single_bfloat16_row_uses_mv_and_matches_f_linear(monkeypatch):
-    """`model.linear`: one bfloat16 row goes through torch.mv (the faster GEMV kernel),
-    with F.linear's result to bfloat16 rounding; anything else is F.linear itself."""
-    w = torch.randn(48, 32, dtype=torch.bfloat16)
-    b = torch.randn(48, dtype=torch.bfloat16)
+def test_linear_one_row_takes_the_kernel_measured_faster(monkeypatch):
+    """`model.linear` on CPU ("tuned"): one row goes through whichever of torch.mv and
+    F.linear measured faster for the weight's dtype and shape (measured once, then
+    cached), with F.linear's result to rounding; several rows are F.linear itself."""
+    from rgemma import ops
+
+    lin = importlib.import_module("rgemma.ops.linear")  # the module (ops.linear: the op)
+    monkeypatch.setattr(lin, "_GEMV", {})
+    measured = []
+
+    def fake_measure(weight):  # torch.mv "wins" for 48 outputs, F.linear for 40
+        measured.append(tuple(weight.shape))
+        return lin.GemvChoice("mv" if weight.shape[0] == 48 else "linear", 2e-6, 1e-6)
+
+    monkeypatch.setattr(lin, "measure_gemv", fake_measure)
     calls = []
     real_mv = torch.mv
     monkeypatch.setattr(torch, "mv", lambda *a: calls.append(1) or real_mv(*a))
+    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    b = torch.randn(48, dtype=torch.bfloat16)
     x1 = torch.randn(1, 1, 32, dtype=torch.bfloat16)
-    got = model_mod.linear(x1, w, b)
-    assert calls and got.shape == (1, 1, 48)
+    for _ in range(3):
+        got = model_mod.linear(x1, w, b)
+    assert calls and got.shape == (1, 1, 48) and measured == [(48, 32)]  # measured once
     torch.testing.assert_close(
         got.float(), torch.nn.functional.linear(x1, w, b).float(), rtol=2e-2, atol=2e-2
     )
     calls.clear()
     x4 = torch.randn(2, 2, 32, dtype=torch.bfloat16)
     assert torch.equal(model_mod.linear(x4, w, b), torch.nn.functional.linear(x4, w, b))
-    x32 = torch.randn(1, 32)
-    assert torch.equal(model_mod.linear(x32, w.float()), torch.nn.functional.linear(x32, w.float()))
-    assert not calls
+    w40 = torch.randn(40, 32, dtype=torch.bfloat16)
+    assert torch.equal(model_mod.linear(x1, w40), torch.nn.functional.linear(x1, w40))
+    assert not calls and measured == [(48, 32), (40, 32)]
+    why = ops.describe(why=True)
+    assert why["linear"] == "tuned (auto)"
+    (mv,) = [v for k, v in why.items() if k.startswith("linear 1 row, bfloat16 (48, 32), ")]
+    assert mv == "torch.mv (F.linear 2 us, torch.mv 1 us)"
+
+
+def test_gemv_measurement_is_never_slower_than_f_linear():
+    """`measure_gemv` times both kernels on the weight itself; torch.mv is chosen only
+    when it beats F.linear by the margin."""
+    lin = importlib.import_module("rgemma.ops.linear")
+    choice = lin.measure_gemv(torch.randn(256, 128, dtype=torch.bfloat16), samples=2)
+    assert choice.linear_s > 0 and choice.mv_s > 0
+    assert (choice.kernel == "mv") == (choice.mv_s < lin.GEMV_MARGIN * choice.linear_s)
+
+
+# ---------------------------------------------------------------------------------
+# The attention window as a ring buffer
+# ---------------------------------------------------------------------------------
+def _attention_states(state):
+    return [s for s in state.blocks if isinstance(s, model_mod.AttentionState)]
+
+
+def test_donated_decode_steps_write_the_window_in_place_and_equal_full_forward():
+    """Decode steps with `donate=True` across a document start and left padding give
+    the logits and the state of one full pass, writing the window in place (the same
+    storage every step); without `donate` the input state is left as it was."""
+    model = _model()
+    w = CFG.attention_window_size
+    tokens = torch.randint(0, CFG.vocab_size, (2, 30))
+    pos = torch.cat([torch.arange(17), torch.arange(13)])[None].repeat(2, 1)
+    pos[1, :4] = -1  # row 1: left padding, then one document
+    pos[1, 4:] = torch.arange(26)
+    with torch.no_grad():
+        full, full_state = model(tokens, pos)
+        out, state = model(tokens[:, :6], pos[:, :6])
+        outs, ptrs = [out], set()
+        for t in range(6, 30):
+            before = [x.clone() for s in state.blocks for x in s]
+            kept, _ = model(tokens[:, t : t + 1], pos[:, t : t + 1], state)  # no donate
+            assert all(
+                torch.equal(a, b) for a, b in zip(before, [x for s in state.blocks for x in s])
+            )
+            out, state = model(tokens[:, t : t + 1], pos[:, t : t + 1], state, donate=True)
+            torch.testing.assert_close(out, kept, rtol=0, atol=0)
+            ptrs.add(tuple(s.keys.data_ptr() for s in _attention_states(state)))
+            outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+    assert len(ptrs) == 1  # written in place from the first donated step on
+    for got, want in zip(_attention_states(state), _attention_states(full_state)):
+        assert torch.equal(got.positions, want.positions)
+        for p in range(13 - w, 13):  # row 0: the second document's last w positions
+            assert got.positions[0, p % w] == p
+        for p in range(26 - w, 26):  # row 1: its document's, each in slot p % w
+            assert got.positions[1, p % w] == p
+        seen = got.positions >= 0
+        torch.testing.assert_close(got.keys[seen], want.keys[seen], **TOL)
+
+
+def test_donated_expanded_state_is_copied_not_written_through():
+    """A state of `expand`ed rows (views sharing one row) is copied before a donated
+    step writes to it, so each row keeps its own window."""
+    model = _model()
+    with torch.no_grad():
+        _, one = model(torch.randint(0, CFG.vocab_size, (1, 11)))
+        snapshot = [x.clone() for s in one.blocks for x in s]
+        nxt = torch.randint(0, CFG.vocab_size, (3,))
+        got, _ = model.decode_step(nxt, one.expand(3), donate=True)
+        want = torch.cat([model.decode_step(nxt[i : i + 1], one)[0] for i in range(3)])
+    torch.testing.assert_close(got, want, **TOL)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, [x for s in one.blocks for x in s]))
+
+
+def test_fresh_prefill_skips_the_empty_window(monkeypatch):
+    """From an empty state the first query chunk attends over its own keys only; from
+    a state with keys, over the window plus the chunk."""
+    model = _model()
+    sizes = []
+    real = model_mod.local_attention
+
+    def spy(q, k, *args, **kwargs):
+        sizes.append(k.shape[1])
+        return real(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "local_attention", spy)
+    tokens = torch.randint(0, CFG.vocab_size, (1, 12))
+    with torch.no_grad():
+        _, state = model(tokens[:, :5])
+        model(tokens[:, 5:], state=state)
+    n_attn = len(_attention_states(state))
+    assert sizes == [5] * n_attn + [CFG.attention_window_size + 7] * n_attn
+
+
+def test_state_saved_in_the_earlier_layout_loads_as_a_ring(tmp_path):
+    """A state file from before the ring buffer (keys oldest first, no "layout" in its
+    metadata) is converted on load and continues exactly."""
+    from safetensors.torch import save_file
+
+    model = _model()
+    w = CFG.attention_window_size
+    tokens = torch.randint(0, CFG.vocab_size, (1, 23))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        _, state = model(tokens[:, :17])
+    tensors = {"next_pos": state.next_pos}
+    for i, s in enumerate(state.blocks):
+        if isinstance(s, model_mod.AttentionState):  # back to oldest first: positions 9..16
+            order = torch.argsort(s.positions, dim=1)
+            s = type(s)(
+                *(x.gather(1, order if x.ndim == 2 else order[..., None].expand_as(x)) for x in s)
+            )
+            assert s.positions[0].tolist() == list(range(17 - w, 17))
+        for name, x in zip(s._fields, s):
+            tensors[f"blocks.{i}.{name}"] = x.contiguous()
+    save_file(
+        tensors, tmp_path / "old.safetensors", {"format": "rgemma-state", "config": CFG.to_json()}
+    )
+    loaded = load_state(tmp_path / "old.safetensors", CFG)
+    for got, want in zip(_attention_states(loaded), _attention_states(state)):
+        assert torch.equal(got.positions, want.positions) and torch.equal(got.keys, want.keys)
+    with torch.no_grad():
+        out, _ = model(tokens[:, 17:], state=loaded)
+    torch.testing.assert_close(out, full[:, 17:], **TOL)

@@ -239,7 +239,8 @@ def test_streaming_concatenates_to_non_streamed(model, tok):
         out = []
         for path, body in (("/v1/completions", comp), ("/v1/chat/completions", chat)):
             full = (await client.post(path, json=body)).json()
-            streamed = await client.post(path, json={**body, "stream": True})
+            usage = {"stream_options": {"include_usage": True}} if "messages" in body else {}
+            streamed = await client.post(path, json={**body, "stream": True, **usage})
             assert streamed.headers["content-type"].startswith("text/event-stream")
             out.append((full, sse_data(streamed.text)))
         return out
@@ -252,11 +253,12 @@ def test_streaming_concatenates_to_non_streamed(model, tok):
             if ch["choices"] and ch["choices"][0]["index"] == i
         )
         assert text == c_full["choices"][i]["text"]
-    assert c_chunks[-1]["usage"] == c_full["usage"]
-    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in h_chunks)
+    assert all("usage" not in ch for ch in c_chunks)  # not asked for: no usage
+    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in h_chunks[:-1])
     assert text == h_full["choices"][0]["message"]["content"]
     assert h_chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert h_chunks[-1]["choices"][0]["finish_reason"] == h_full["choices"][0]["finish_reason"]
+    assert h_chunks[-2]["choices"][0]["finish_reason"] == h_full["choices"][0]["finish_reason"]
+    assert h_chunks[-1]["choices"] == [] and all("usage" not in ch for ch in h_chunks[:-1])
     usage = dict(h_chunks[-1]["usage"])
     assert usage.pop("prompt_tokens_details")["cached_tokens"] > 0  # the same chat again
     assert usage == {k: v for k, v in h_full["usage"].items() if k != "prompt_tokens_details"}
@@ -449,7 +451,66 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "seed": "1"}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"400": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "unknown_field": [1, 2]}, 400, "unknown_field"),
+    ("/v1/completions", {"prompt": "x", "store": True}, 400, "store"),
+    (
+        "/v1/completions",
+        {"prompt": "x", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "x", "stream": True, "stream_options": {"x": 1}},
+        400,
+        "stream_options.x",
+    ),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"},
+        400,
+        "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
+        400,
+        "functions",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        400,
+        "messages[0].tool_calls",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_object"},
+        },
+        400,
+        "response_format",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "prediction": {"type": "content", "content": "x"},
+        },
+        400,
+        "prediction",
+    ),
     ("/v1/completions", {"prompt": [5, 10_000]}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
     ("/v1/completions", {"prompt": "word " * 300}, 400, "prompt"),
@@ -494,8 +555,16 @@ def test_bad_requests_get_openai_errors(model, tok):
             else:
                 r = await client.post(path, json=body)
             out.append((r.status_code, r.json()))
-        ok = await client.post(
-            "/v1/completions", json={"prompt": "x", "max_tokens": 2, "unknown_field": [1, 2]}
+        ok = await client.post(  # labels that change no output are accepted
+            "/v1/completions",
+            json={
+                "prompt": "x",
+                "max_tokens": 2,
+                "user": "u1",
+                "metadata": {"k": "v"},
+                "store": False,
+                "model": "any",
+            },
         )
         out.append((ok.status_code, ok.json()))
         missing = await client.get("/v1/nope")
@@ -509,7 +578,9 @@ def test_bad_requests_get_openai_errors(model, tok):
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
         assert err["type"] == "invalid_request_error"
         assert err["param"] == param, (body, err)
-    assert results[len(BAD)][0] == 200  # unknown fields are ignored
+        if isinstance(body, dict) and "unknown_field" in body:
+            assert err["code"] == "unsupported_parameter" and "unknown_field" in err["message"]
+    assert results[len(BAD)][0] == 200, results[len(BAD)]
     assert results[-1][0] == 404 and "error" in results[-1][1]
 
 
@@ -892,8 +963,252 @@ def test_one_sampling_params_and_engine(model, tok):
     app = create_app(model, tok, small_config())
     server = app.state.server
     body = CompletionRequest(prompt="x", max_tokens=7, temperature=0.5, top_k=-1, stop="\n")
-    params = server._params(body, body.max_tokens, 16, 2, prompt_logprobs=True)
-    assert params == SamplingParams(
-        max_new_tokens=7, temperature=0.5, stop=("\n",), logprobs=2, prompt_logprobs=True
+    params = server._params(body, body.max_tokens, 2, prompt_logprobs=True)
+    assert params == SamplingParams(  # fields not given: the CLI's defaults
+        max_new_tokens=7,
+        temperature=0.5,
+        top_p=0.95,
+        repetition_penalty=1.1,
+        stop=("\n",),
+        logprobs=2,
+        prompt_logprobs=True,
     )
     assert isinstance(server.scheduler.engine, RowEngine)
+
+
+# ----------------------------------------------------------------------------------
+# Limits: body size, prompt length before tokenizing, time limit, a free event loop
+# ----------------------------------------------------------------------------------
+def test_body_limit_refuses_before_reading(model, tok):
+    app = create_app(model, tok, small_config(max_body_bytes=2000))
+    read = []
+
+    async def scenario(client):
+        big = {"prompt": "word " * 1000, "max_tokens": 1}
+        declared = await client.post("/v1/completions", json=big)
+
+        async def chunks():  # no Content-Length: counted while it streams in
+            read.append(1)
+            yield b'{"prompt": "'
+            for _ in range(100):
+                read.append(1)
+                yield b"word " * 20
+            yield b'"}'
+
+        streamed = await client.post(
+            "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        small = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        return declared, streamed, small
+
+    declared, streamed, small = run_async(app, scenario)
+    for r in (declared, streamed):
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "request_too_large" and "2,000 bytes" in err["message"]
+    assert len(read) < 101  # stopped reading once past the limit
+    assert small.status_code == 200
+
+
+def test_prompt_that_cannot_fit_is_refused_without_tokenizing(model, tok, monkeypatch):
+    app = create_app(model, tok, small_config(max_prompt_tokens=50))
+    server = app.state.server
+    calls = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    too_long = "x" * (50 * server.max_piece_bytes + 1)
+
+    async def scenario(client):
+        a = await client.post("/v1/completions", json={"prompt": too_long, "max_tokens": 1})
+        b = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": too_long}], "max_tokens": 1},
+        )
+        return a, b
+
+    a, b = run_async(app, scenario)
+    assert (a.status_code, a.json()["error"]["param"]) == (400, "prompt")
+    assert (b.status_code, b.json()["error"]["param"]) == (400, "messages")
+    assert a.json()["error"]["code"] == "context_length_exceeded" and calls == []
+
+
+def test_time_limit_stops_the_request(model, tok):
+    app = create_app(model, tok, small_config(request_timeout_s=0.0))
+    sched = app.state.server.scheduler
+
+    async def scenario(client):
+        body = {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}
+        plain = await client.post("/v1/completions", json=body)
+        streamed = await client.post("/v1/completions", json={**body, "stream": True})
+        return plain, streamed
+
+    plain, streamed = run_async(app, scenario)
+    assert plain.status_code == 504 and plain.json()["error"]["code"] == "timeout"
+    assert "time limit" in plain.json()["error"]["message"]
+    last = streamed.text.strip().splitlines()[-1]
+    assert json.loads(last[len("data: ") :])["error"]["code"] == "timeout"
+    assert sched.num_rows == 0 and sched.num_active == 0
+    assert sched.metrics.requests_finished.value("error") == 2
+
+
+class _GatedTokenizer:
+    """The test tokenizer whose `encode` of a long text waits (at most 20 s) until
+    `gate` is set: /health must be answered while a prompt is being tokenized."""
+
+    def __init__(self, tok, gate: threading.Event):
+        self._tok, self.gate, self.started, self.waited = tok, gate, threading.Event(), []
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def encode(self, text, *args, **kwargs):
+        if len(text) > 1000:
+            self.started.set()
+            self.waited.append(self.gate.wait(20))
+        return self._tok.encode(text, *args, **kwargs)
+
+
+def test_health_and_metrics_answer_while_a_long_prompt_is_tokenized(model, tok):
+    gate = threading.Event()
+    gated = _GatedTokenizer(tok, gate)
+    app = create_app(model, gated, small_config(max_prompt_tokens=20_000, max_tokens=2))
+    long_prompt = " ".join(PROMPTS) * 40  # some 10k tokens
+
+    async def scenario(client):
+        job = asyncio.ensure_future(
+            client.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 1})
+        )
+        while not gated.started.is_set() and not job.done():  # until encode has started
+            await asyncio.sleep(0.01)
+        health = await client.get("/health")  # answered while encode waits on the gate
+        metrics = await client.get("/metrics")
+        pending = not job.done()
+        gate.set()
+        return health, metrics, pending, await job
+
+    health, metrics, pending, done = run_async(app, scenario)
+    assert health.status_code == 200 and metrics.status_code == 200
+    # the gate was opened by this loop, not by the 20 s timeout: the loop was free
+    assert pending and gated.waited == [True]
+    assert done.status_code == 200, done.text
+
+
+# ----------------------------------------------------------------------------------
+# OpenAI conformance: penalties and the other sampling fields, defaults, logprobs
+# ----------------------------------------------------------------------------------
+def test_sampling_fields_equal_generate_in_one_batch(model, tok):
+    """Requests with different penalties, biases, min_tokens and ignore_eos, decoded
+    together, each get the tokens `generate` gives with the same SamplingParams."""
+    app = create_app(model, tok, small_config(prefix_cache_bytes=0))
+    variants = [
+        {"repetition_penalty": 1.5},
+        {"frequency_penalty": 1.2, "presence_penalty": 0.5},
+        {"logit_bias": {"77": 5.0, "20": -100}},
+        {"min_tokens": 6, "ignore_eos": True},
+        {},
+    ]
+
+    async def scenario(client):
+        jobs = [
+            client.post(
+                "/v1/completions",
+                json={"prompt": PROMPTS[i], "max_tokens": 8, "temperature": 0, **v},
+            )
+            for i, v in enumerate(variants)
+        ]
+        return [r.json() for r in await asyncio.gather(*jobs)]
+
+    got = run_async(app, scenario)
+    assert app.state.server.scheduler.peak_rows > 1
+    for i, (v, r) in enumerate(zip(variants, got)):
+        fields = dict(v)
+        if "logit_bias" in fields:
+            fields["logit_bias"] = {int(k): b for k, b in fields["logit_bias"].items()}
+        want = greedy_ref(model, tok, PROMPTS[i], 8, **fields)
+        assert r["choices"][0]["text"] == want.text, v
+    plain = greedy_ref(model, tok, PROMPTS[0], 8)
+    assert got[0]["choices"][0]["text"] != plain.text  # the penalty changed something
+
+
+def test_defaults_max_tokens_and_sampling_from_one_place(model, tok):
+    from rgemma.sampling import default_sampling
+
+    app = create_app(model, tok, small_config(default_max_tokens=5))
+    server = app.state.server
+    from rgemma.serve.protocol import ChatCompletionRequest
+
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}])
+    assert server._params(body, None, None, False) == default_sampling(max_new_tokens=5)
+
+    async def scenario(client):
+        return (
+            await client.post("/v1/completions", json={"prompt": "x", "ignore_eos": True})
+        ).json()
+
+    out = run_async(app, scenario)
+    assert out["usage"]["completion_tokens"] == 5 and out["choices"][0]["finish_reason"] == "length"
+
+
+def test_openai_client_stream_usage_and_logprob_bytes(live_server, tok):
+    openai = pytest.importorskip("openai")
+    _, url = live_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sk-live", max_retries=0)
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = list(
+        client.chat.completions.create(
+            model="rgemma", messages=messages, max_tokens=4, temperature=0, stream=True
+        )
+    )
+    assert all(c.usage is None for c in plain) and all(c.choices for c in plain)
+    with_usage = list(
+        client.chat.completions.create(
+            model="rgemma",
+            messages=messages,
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in with_usage[:-1])
+    # A byte-fallback piece: token "=" and bytes [61]; half a UTF-8 character: its byte.
+    eq, e2 = tok.piece_to_id("<0x3D>"), tok.piece_to_id("<0xE2>")
+    chat = client.chat.completions.create(
+        model="rgemma",
+        messages=messages,
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        logit_bias={str(eq): 100},
+        temperature=0,
+    )
+    content = chat.choices[0].logprobs.content
+    assert [(c.token, c.bytes) for c in content] == [("=", [61])] * 3
+    assert chat.choices[0].message.content == "==="
+    chat = client.chat.completions.create(
+        model="rgemma",
+        messages=messages,
+        max_tokens=1,
+        logprobs=True,
+        logit_bias={str(e2): 100},
+        temperature=0,
+    )
+    entry = chat.choices[0].logprobs.content[0]
+    assert entry.bytes == [0xE2] and entry.token == "\\xe2"
+    # penalties through the client (extensions as extra_body)
+    comp = client.completions.create(
+        model="rgemma",
+        prompt=PROMPTS[1],
+        max_tokens=6,
+        temperature=0,
+        frequency_penalty=1.0,
+        extra_body={"repetition_penalty": 1.3, "min_tokens": 2},
+    )
+    assert comp.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="rgemma", prompt="x", extra_body={"best_of": 3, "n": 1})
+    assert info.value.body["param"] == "best_of"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="rgemma", prompt="x", extra_body={"typical_p": 0.5})
+    assert info.value.body["param"] == "typical_p"

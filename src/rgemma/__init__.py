@@ -3,7 +3,7 @@
 Public API (imported lazily, so `import rgemma` is cheap):
 
     GriffinConfig, Griffin, GriffinState        the model and its fixed-size state
-    load_model, save_model                      checkpoints (official .pt, HF, rgemma)
+    load_model, save_model, save_hf             checkpoints (official .pt, HF, rgemma, Flax)
     Tokenizer, load                             tokenizer; (model, tokenizer) in one call
     SamplingParams                              how to sample and stop, made once
     generate, stream, ChatSession               batched generation, streaming, chat
@@ -29,6 +29,7 @@ _EXPORTS = {
     "load_state": "state",
     "load_model": "checkpoint",
     "save_model": "checkpoint",
+    "save_hf": "checkpoint",
     "Tokenizer": "tokenizer",
     "load": "generation",
     "generate": "generation",
@@ -72,6 +73,7 @@ __all__ = [
     "load_state",
     "prompt_state",
     "quantize",
+    "save_hf",
     "save_model",
     "save_state",
     "stream",

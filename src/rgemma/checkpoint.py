@@ -69,6 +69,7 @@ __all__ = [
     "griffin_to_hf_config",
     "hf_config_to_griffin",
     "hf_to_official",
+    "hf_tokenizer_files",
     "load_model",
     "official_to_hf",
     "save_hf",
@@ -381,7 +382,10 @@ def hf_config_to_griffin(config_json: Mapping[str, Any]) -> GriffinConfig:
             num_heads=num_heads,
             block_types=block_types,
             lru_width=cj.get("lru_width") or width,
-            attention_window_size=cj.get("attention_window_size", 2048),
+            # `save_hf(exact_window=True)` writes HF's window one larger, and ours here.
+            attention_window_size=cj.get(
+                "rgemma_attention_window_size", cj.get("attention_window_size", 2048)
+            ),
             embeddings_scale_by_sqrt_dim=bool(cj.get("embeddings_scale_by_sqrt_dim", True)),
             logits_soft_cap=float(cap) if cap else None,
             conv1d_temporal_width=cj.get("conv1d_width", 4),
@@ -571,7 +575,7 @@ def _safetensors_source(
 # ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Found:
-    format: str  # "official", "hf" or "rgemma"
+    format: str  # "official", "hf", "rgemma" or "flax"
     path: Path
     weights: list[Path]  # a torch file, or safetensors file(s)
     index: Path | None = None
@@ -633,6 +637,11 @@ def _find(path: Path) -> _Found:
             f"HF checkpoint {path} has {HF_CONFIG_NAME} but none of {WEIGHTS_NAME}, "
             f"{HF_INDEX_NAME}, {HF_BIN_NAME}"
         )
+    if any((path / marker).exists() for marker in ORBAX_MARKERS):  # official Flax (orbax)
+        parent_tok = path.parent / TOKENIZER_NAME
+        return _Found(
+            "flax", path, [path], tokenizer=tok or (parent_tok if parent_tok.is_file() else None)
+        )
     torch_files = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES and p.is_file())
     if len(torch_files) == 1:
         return _Found("official", path, torch_files, tokenizer=tok)
@@ -657,7 +666,71 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+#: Files that mark a directory as an orbax checkpoint (the official Flax/JAX weights).
+ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+def flax_to_official(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten official Flax parameters (`recurrentgemma.jax.Griffin`'s tree, with or
+    without its top-level "params") to official PyTorch names.
+
+    Nested keys join with "."; a Dense layer's `kernel` (in, out) becomes `weight`
+    (out, in) by a transpose; every other array keeps its name and layout
+    (`conv_1d.w` (k, e), `ffw_up.w` (2, d, m), `rg_lru.a_param`, the norms' `scale`,
+    `embedder.input_embedding`). Arrays are numpy-like, returned as given (the
+    transposes are numpy views).
+    """
+    out: dict[str, Any] = {}
+
+    def walk(tree: Mapping[str, Any], prefix: str) -> None:
+        for key, value in tree.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                walk(value, name + ".")
+            elif name.endswith(".kernel"):
+                out[name.removesuffix("kernel") + "weight"] = value.T
+            else:
+                out[name] = value
+
+    walk(params.get("params", params) if isinstance(params, Mapping) else params, "")
+    return out
+
+
+def _flax_source(path: Path) -> _Source:
+    """Arrays of an orbax checkpoint of official Flax parameters, under official names."""
+    import numpy as np
+
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is an orbax (official Flax/JAX) checkpoint; reading it needs "
+            'orbax-checkpoint: `pip install "rgemma[flax]"`'
+        ) from None
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(str(path))
+    except Exception as err:  # orbax raises many kinds: each becomes one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot read orbax checkpoint {path}: {first}") from err
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{path} holds a {type(tree).__name__}, not a parameter tree")
+    arrays = {k: np.asarray(v) for k, v in flax_to_official(tree).items()}
+
+    def to_torch(a: Any) -> Tensor:
+        if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: reinterpret the bits
+            return torch.from_numpy(np.array(a).view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(np.array(a))  # a writable copy
+
+    src = _Source()
+    src.shapes = {k: tuple(a.shape) for k, a in arrays.items()}
+    src.dtypes = {k: to_torch(a.reshape(-1)[:0]).dtype for k, a in arrays.items()}
+    src.get = lambda name: to_torch(arrays[name])
+    return src
+
+
 def _open_source(found: _Found, stack: contextlib.ExitStack) -> _Source:
+    if found.format == "flax":
+        return _flax_source(found.path)
     if found.index is not None:
         index = _read_json(found.index)
         weight_map = index.get("weight_map")
@@ -708,6 +781,63 @@ def _validate(
             f"(width {cfg.width}, lru_width {cfg.lru_width}, mlp {cfg.mlp_expanded_width}, "
             f"heads {cfg.num_heads}, vocab {cfg.vocab_size}): " + "; ".join(bad[:8])
         )
+
+
+_LAYER_INDEX_RE = re.compile(r"^(?:model\.)?(?:layers|blocks)\.(\d+)\.")
+
+
+def _check_declared_layers(found: _Found, data: Mapping[str, Any], where: str) -> None:
+    """Cap what a config file declares by what the weights hold: its number of layers
+    (`block_types` of an rgemma config, `num_hidden_layers` of a HF one) must be the
+    number of layers the checkpoint has keys for. Checked on the raw JSON, before a
+    config or a (meta) model of the declared size is built, so a config declaring a
+    million layers fails at once instead of building them first.
+
+    Raises:
+        CheckpointError: the two numbers differ (both named).
+    """
+    if found.format == "rgemma":
+        body = data.get("config", data)
+        types = body.get("block_types") if isinstance(body, Mapping) else None
+        declared = len(types) if isinstance(types, list) else None
+        field = "config.block_types" if "config" in data else "block_types"
+    else:
+        declared = data.get("num_hidden_layers")
+        field = "num_hidden_layers"
+    if not isinstance(declared, int) or isinstance(declared, bool):
+        return  # a missing or invalid field: the config's own check names it
+    with contextlib.ExitStack() as stack:
+        shapes = _open_source(found, stack).shapes
+    layers = {int(m.group(1)) for k in shapes if (m := _LAYER_INDEX_RE.match(k))}
+    if declared != len(layers):
+        held = f"layers {min(layers)}..{max(layers)}" if layers else "no layer keys"
+        raise CheckpointError(
+            f"{found.config_file} declares {declared} layers ({field}) but {where} holds "
+            f"weights for {len(layers)} ({held}): the config does not belong to these weights"
+        )
+
+
+def _check_finite(where: str, key: str, tensor: Tensor, stored: Tensor) -> None:
+    """Raise `CheckpointError` if `tensor` (a loaded weight) has a NaN or infinity.
+
+    Checked in slices of 2**24 elements, so the boolean mask never costs more than
+    16 MB whatever the tensor's size; `stored` (the tensor as in the file) tells an
+    overflow of the target dtype from a damaged file.
+    """
+    flat = tensor.reshape(-1)
+    step = 1 << 24
+    if all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step)):
+        return
+    count = int((~torch.isfinite(flat)).sum())
+    if stored.dtype != tensor.dtype and bool(torch.isfinite(stored).all()):
+        raise CheckpointError(
+            f"{where}: tensor {key!r} overflows {tensor.dtype} ({count} values become "
+            f"inf when converted from {stored.dtype}): load it in a wider dtype"
+        )
+    raise CheckpointError(
+        f"{where}: tensor {key!r} has {count} non-finite value(s) (NaN or inf) of "
+        f"{flat.numel()}: the checkpoint is damaged (e.g. a diverged training run)"
+    )
 
 
 def _meta(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
@@ -800,7 +930,8 @@ def load_model(
         path: the checkpoint file or directory; None loads the bundled model
             (`rgemma/assets/bundled/`).
         dtype: parameter dtype (torch dtype or name such as "bfloat16"); default: the
-            dtype of the checkpoint's embedding (every tensor is cast to it).
+            dtype of the checkpoint's embedding (every tensor is cast to it), except
+            that a float32 checkpoint loads as bfloat16 on a CUDA device.
         device: where to put the parameters (default CPU).
         config: a declared `GriffinConfig` (or preset name) the checkpoint must match;
             for an official `.pt` it also supplies what shapes cannot tell (attention
@@ -833,7 +964,9 @@ def load_model(
                 f"no bundled model is installed (looked in {path}); pass a checkpoint path "
                 "(`load_model(path)`, or `--model PATH` on the command line)"
             )
-    path = Path(os.fspath(path)).expanduser().absolute()
+    from .hub import resolve_model_path
+
+    path = Path(os.fspath(resolve_model_path(path))).expanduser().absolute()  # Hub ids too
     if isinstance(config, str):
         config = GriffinConfig.preset(config)
     found = _find(path)
@@ -842,6 +975,7 @@ def load_model(
     file_cfg: GriffinConfig | None = None
     if found.config_file is not None:
         data = _read_json(found.config_file)
+        _check_declared_layers(found, data, where)  # before building anything that size
         try:
             if found.format == "rgemma":
                 file_cfg = GriffinConfig.from_dict(data.get("config", data))
@@ -849,6 +983,22 @@ def load_model(
                 file_cfg = hf_config_to_griffin(data)
         except ConfigError as err:
             raise ConfigError(f"{found.config_file}: {err}") from err
+        if found.format == "rgemma" and data.get("quantization"):  # save_model of a quantized
+            if dtype not in (None, torch.float32):
+                raise ConfigError(
+                    f"{path} is {data['quantization']}-quantized (int8 weights, float32 "
+                    f"for the rest); it cannot be loaded as {dtype}"
+                )
+            if config is not None:
+                config.check_matches(file_cfg)
+            model = _load_quantized(found, file_cfg, data["quantization"], device)
+            model.source = {
+                "format": "rgemma",
+                "path": str(path),
+                "tokenizer": str(found.tokenizer) if found.tokenizer else None,
+                "bundled": bundled,
+            }
+            return model.eval().requires_grad_(False)
 
     with contextlib.ExitStack() as stack:
         src = _open_source(found, stack)
@@ -892,12 +1042,18 @@ def load_model(
             if k == _EMBED_OFFICIAL or k.removeprefix("model.") == "embed_tokens.weight"
         )
         target = dtype or src.dtypes[embed_key]
+        on_gpu = torch.device(device or "cpu").type == "cuda"
+        if dtype is None and target == torch.float32 and on_gpu:
+            target = torch.bfloat16  # unspecified on a GPU: bfloat16, half the bytes
 
-        def cast(t: Tensor) -> Tensor:
+        def cast(key: str) -> Tensor:
             # copy=True: never keep a parameter backed by the memory-mapped file (writing
             # over that file later, e.g. torch.save to the same path, would corrupt or
             # crash the model). One tensor at a time, so the peak stays about one model.
-            return t.to(device=device or "cpu", dtype=target, copy=True).contiguous()
+            t = src.get(key)
+            out = t.to(device=device or "cpu", dtype=target, copy=True).contiguous()
+            _check_finite(where, key, out, t)
+            return out
 
         state: dict[str, Tensor] = {}
         if hf_names:
@@ -906,10 +1062,10 @@ def load_model(
                 m = _HF_LAYER_RE.match(key)
                 groups.setdefault(int(m.group(1)) if m else -1, []).append(key)
             for _, keys in sorted(groups.items()):  # one layer at a time: small peak memory
-                state.update(hf_to_official({k: cast(src.get(k)) for k in keys}, num_layers))
+                state.update(hf_to_official({k: cast(k) for k in keys}, num_layers))
         else:
             for key in src.shapes:
-                state[key] = cast(src.get(key))
+                state[key] = cast(key)
 
     model = Griffin(cfg, device="meta", dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
@@ -941,14 +1097,55 @@ def _plain_state(model) -> tuple[GriffinConfig, dict[str, Tensor]]:
 
 
 def _check_target(path: Path, marker: str) -> None:
-    """Refuse to replace a non-empty directory that is not a checkpoint of ours."""
+    """Refuse to replace a non-empty directory that is not a checkpoint (rgemma or HF:
+    `rgemma convert --force` may replace one kind with the other)."""
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"cannot save to {path}: it exists and is not a directory")
-        if any(path.iterdir()) and not (path / marker).is_file():
+        markers = (marker, RGEMMA_CONFIG_NAME, HF_CONFIG_NAME)
+        if any(path.iterdir()) and not any((path / m).is_file() for m in markers):
             raise CheckpointError(
                 f"refusing to overwrite {path}: it is a non-empty directory without {marker}"
             )
+
+
+#: Buffers of a quantized model that are derived from others (not saved).
+_DERIVED_SCALE_SUFFIXES = ("scale_bf16", "row_scale_bf16")
+
+
+def _load_quantized(
+    found: _Found, cfg: GriffinConfig, mode: Any, device: torch.device | str | None
+):
+    """A quantized rgemma checkpoint: the quantized module tree is built on the meta
+    device (`rgemma.quantize` of a meta model) and the saved int8 weights and scales
+    are assigned to it, with no re-quantization; the bfloat16 scale copies are
+    derived from the float32 ones."""
+    from .model import Griffin
+    from .quantization import quantize
+
+    where = f"checkpoint {found.weights[0]}"
+    if mode != "int8":
+        raise CheckpointError(f"{found.config_file}: unknown quantization {mode!r}")
+    model = quantize(Griffin(cfg, device="meta", dtype=torch.float32), mode)
+    expected = model.state_dict()
+    with contextlib.ExitStack() as stack:
+        src = _open_source(found, stack)
+        wanted = {k: tuple(v.shape) for k, v in expected.items()}
+        wanted = {k: s for k, s in wanted.items() if not k.endswith(_DERIVED_SCALE_SUFFIXES)}
+        _validate(where, src.shapes, wanted, cfg)
+        state = {}
+        for key in wanted:
+            if src.dtypes[key] != expected[key].dtype:
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} has dtype {src.dtypes[key]}, expected "
+                    f"{expected[key].dtype} in an {mode} checkpoint"
+                )
+            state[key] = src.get(key).to(device=device or "cpu", copy=True).contiguous()
+    for key in expected:
+        if key.endswith(_DERIVED_SCALE_SUFFIXES):
+            state[key] = state[key.removesuffix("_bf16")].to(torch.bfloat16)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
 
 
 def save_model(
@@ -964,19 +1161,29 @@ def save_model(
     Returns:
         The checkpoint directory.
 
+    A quantized model (`rgemma.quantize`) is saved as it is: its int8 weights and
+    float32 scales (`*.weight_int8`, `*.scale`, `embedder.table_int8`,
+    `embedder.row_scale`; the bfloat16 copies of the scales are derived on load),
+    float32 for the rest, and `"quantization": "int8"` in `rgemma_config.json`;
+    `load_model` rebuilds the quantized model from them without re-quantizing, so
+    its logits are identical.
+
     Raises:
         CheckpointError: `model` is not a `Griffin`; `path` is a file, or a non-empty
         directory that is not an rgemma checkpoint; `tokenizer_path` does not exist.
     """
-    if getattr(model, "quantization", None):
-        raise CheckpointError(
-            f"cannot save an {model.quantization}-quantized model: save the float model "
-            "and quantize after loading (`rgemma.quantize(model)`, `--quantize int8`)"
-        )
     from safetensors.torch import save_file
 
     path = Path(os.fspath(path)).expanduser().absolute()
     cfg, state = _plain_state(model)
+    quantization = getattr(getattr(model, "_orig_mod", model), "quantization", None)
+    if quantization == "int4":  # its codes may be in torch's machine-specific packing
+        raise CheckpointError(
+            "cannot save an int4-quantized model: save the float model and quantize "
+            "it after loading (rgemma.quantize(model, 'int4'), --quantize int4)"
+        )
+    if quantization:  # the bfloat16 scales are copies of the float32 ones
+        state = {k: v for k, v in state.items() if not k.endswith(_DERIVED_SCALE_SUFFIXES)}
     _check_target(path, RGEMMA_CONFIG_NAME)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise CheckpointError(f"tokenizer file {tokenizer_path} does not exist")
@@ -988,6 +1195,8 @@ def save_model(
             metadata={"format": "pt", "rgemma_format": str(RGEMMA_FORMAT_VERSION)},
         )
         meta = {"rgemma_format": RGEMMA_FORMAT_VERSION, "dtype": dtype, "config": cfg.to_dict()}
+        if quantization:
+            meta["quantization"] = quantization
         with open(os.path.join(tmp, RGEMMA_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -996,33 +1205,213 @@ def save_model(
     return path
 
 
-def save_hf(
-    model, path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
-) -> Path:
-    """Save `model` as a HF RecurrentGemma directory (`config.json` +
-    `model.safetensors` with HF names, no `lm_head.weight`: it is tied), loadable by
-    `transformers.RecurrentGemmaForCausalLM.from_pretrained` and by `load_model`.
-    Written atomically like `save_model`.
+#: Gemma's chat format as a HF chat template (Jinja), written into
+#: `tokenizer_config.json`: the same string as `Tokenizer.apply_chat_template` with
+#: BOS first (roles user/model, `assistant` as `model`, a leading system message
+#: folded into the first user turn as `system + "\n\n" + user`).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system=none) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if not loop.first -%}"
+    "{{ raise_exception('only the first message may be a system message') }}"
+    "{%- endif -%}"
+    "{%- if loop.last or messages[1]['role'] != 'user' -%}"
+    "{{ '<start_of_turn>user\n' + message['content'] + '<end_of_turn>\n' }}"
+    "{%- else -%}{%- set ns.system = message['content'] -%}{%- endif -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] in ['assistant', 'model'] "
+    "else message['role'] -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if ns.system is not none and loop.index0 == 1 -%}"
+    "{%- set content = ns.system + '\n\n' + content -%}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + content + '<end_of_turn>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+#: Default largest safetensors shard of `save_hf` (HF's own default, 5 GB).
+HF_MAX_SHARD_BYTES = 5 * 10**9
+
+
+def _parse_size(size: int | str) -> int:
+    """Bytes of `5GB`, `500MB`, `10KiB` or an int."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", str(size).lower())
+        if m is None:
+            raise ConfigError(f"invalid size {size!r}; use bytes or e.g. '5GB', '500MB'")
+        unit = m.group(2).rstrip("b")
+        base = 1024 if unit.endswith("i") else 1000
+        value = int(float(m.group(1)) * base ** " kmgt".index(unit.rstrip("i") or " "))
+    if value < 1:
+        raise ConfigError(f"shard size must be positive, got {size!r}")
+    return value
+
+
+def _shards(state: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
+    """Split a state_dict into consecutive groups of at most `max_bytes` (a tensor
+    larger than that gets a shard of its own)."""
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    return shards
+
+
+def hf_tokenizer_files(tokenizer_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The JSON files beside `tokenizer.model` that make `AutoTokenizer.from_pretrained`
+    load it as Google's own Gemma tokenizer: `tokenizer_config.json` (class
+    `GemmaTokenizer`, BOS added, no EOS, the special tokens, the Gemma chat template)
+    and `special_tokens_map.json`.
 
     Raises:
-        CheckpointError: as `save_model`.
+        CheckpointError: not a SentencePiece model file.
+    """
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    special = {
+        "bos_token": tok.sp.id_to_piece(tok.bos_id),
+        "eos_token": tok.sp.id_to_piece(tok.eos_id),
+        "pad_token": tok.sp.id_to_piece(tok.pad_id) if tok.pad_id >= 0 else None,
+        "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()),
+    }
+    special = {k: v for k, v in special.items() if v is not None}
+    chat = tok.start_of_turn_id is not None and tok.end_of_turn_id is not None
+    extra = ["<start_of_turn>", "<end_of_turn>"] if chat else []
+    config: dict[str, Any] = {
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **special,
+        "additional_special_tokens": extra,
+        "clean_up_tokenization_spaces": False,
+        "spaces_between_special_tokens": False,
+        "sp_model_kwargs": {},
+        "legacy": False,
+        "padding_side": "left",
+    }
+    if chat:
+        config["chat_template"] = GEMMA_CHAT_TEMPLATE
+    return {
+        "tokenizer_config.json": config,
+        "special_tokens_map.json": {**special, "additional_special_tokens": extra},
+    }
+
+
+def _write_json(path: str | os.PathLike, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_hf(
+    model,
+    path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    *,
+    max_shard_size: int | str = HF_MAX_SHARD_BYTES,
+    exact_window: bool = False,
+) -> Path:
+    """Save `model` as a Hugging Face RecurrentGemma directory, as Google publishes
+    theirs: `transformers.AutoModelForCausalLM.from_pretrained` and
+    `AutoTokenizer.from_pretrained` load it, and so does `load_model`.
+
+    Files: `config.json` (`RecurrentGemmaConfig`); `model.safetensors`, or shards
+    `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json` when the
+    weights exceed `max_shard_size` (HF names, see the module docstring; no
+    `lm_head.weight`: it is tied); `generation_config.json` (BOS, pad, and EOS plus
+    `<end_of_turn>` as stop ids); with a tokenizer, `tokenizer.model`,
+    `tokenizer_config.json` (BOS added, special tokens, the Gemma chat template) and
+    `special_tokens_map.json`. Written atomically like `save_model`.
+
+    The attention window: HF's attention with `attention_window_size = W` lets a query
+    see W keys, the official model W + 1 (itself and the W before it), so by default
+    HF's logits differ from rgemma's from position W on (2,048 for the 2B model).
+    `exact_window=True` writes `attention_window_size = W + 1`, so that HF computes
+    the official model exactly at every position, and records W as
+    `rgemma_attention_window_size`, which `load_model` reads back.
+
+    Args:
+        model: a `Griffin` (not quantized), any dtype; saved in its dtype.
+        path: the directory to write.
+        tokenizer_path: a SentencePiece `tokenizer.model` to ship beside the weights.
+        max_shard_size: largest shard, bytes or a string such as "5GB" / "500MB".
+        exact_window: write HF's window one larger (see above).
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        CheckpointError: `model` is not a `Griffin` or is quantized; `path` is a file,
+            or a non-empty directory that is not a HF checkpoint; `tokenizer_path`
+            does not exist or is not a SentencePiece model.
+        ConfigError: a bad `max_shard_size`.
     """
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", None):
+        raise CheckpointError(
+            f"cannot save an {model.quantization}-quantized model in HF format: HF has no "
+            "such layout (save it with save_model, or save the float model)"
+        )
+    max_bytes = _parse_size(max_shard_size)
     path = Path(os.fspath(path)).expanduser().absolute()
     cfg, state = _plain_state(model)
     _check_target(path, HF_CONFIG_NAME)
-    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
-        raise CheckpointError(f"tokenizer file {tokenizer_path} does not exist")
+    tok_files = {}
+    if tokenizer_path is not None:
+        if not Path(tokenizer_path).is_file():
+            raise CheckpointError(f"tokenizer file {tokenizer_path} does not exist")
+        tok_files = hf_tokenizer_files(tokenizer_path)
     hf_state = official_to_hf(state)
     del state
     hf_cfg = griffin_to_hf_config(cfg)
-    hf_cfg["torch_dtype"] = str(hf_state[_EMBED_HF].dtype).removeprefix("torch.")
+    dtype = str(hf_state[_EMBED_HF].dtype).removeprefix("torch.")
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
+    if exact_window:
+        hf_cfg["attention_window_size"] = cfg.attention_window_size + 1
+        hf_cfg["rgemma_attention_window_size"] = cfg.attention_window_size
+    special = tok_files.get("tokenizer_config.json", {})
+    eos = [hf_cfg["eos_token_id"]]
+    if tokenizer_path is not None:
+        from .tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer_path)
+        hf_cfg.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        eos = [tok.eos_id] + ([tok.end_of_turn_id] if "chat_template" in special else [])
+    generation = {
+        "bos_token_id": hf_cfg["bos_token_id"],
+        "eos_token_id": eos if len(eos) > 1 else eos[0],
+        "pad_token_id": hf_cfg["pad_token_id"],
+    }
+    shards = _shards(hf_state, max_bytes)
     with atomic_dir(path) as tmp:
-        save_file(hf_state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(tmp, HF_CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(hf_cfg, f, indent=2)
-            f.write("\n")
+        if len(shards) == 1:
+            save_file(hf_state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in hf_state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            _write_json(os.path.join(tmp, HF_INDEX_NAME), index)
+        _write_json(os.path.join(tmp, HF_CONFIG_NAME), hf_cfg)
+        _write_json(os.path.join(tmp, "generation_config.json"), generation)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_NAME))
+            for name, data in tok_files.items():
+                _write_json(os.path.join(tmp, name), data)
     return path

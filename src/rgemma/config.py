@@ -114,7 +114,8 @@ class GriffinConfig:
         """sqrt(width) rounded to bfloat16 (50.5 for the 2B model, not 50.596), or 1."""
         if not self.embeddings_scale_by_sqrt_dim:
             return 1.0
-        return float(torch.tensor(math.sqrt(self.width), dtype=torch.bfloat16))
+        # On the CPU whatever the ambient device (`with torch.device("meta"): Griffin(...)`).
+        return float(torch.tensor(math.sqrt(self.width), dtype=torch.bfloat16, device="cpu"))
 
     def num_parameters(self) -> int:
         """Exact parameter count of `Griffin(self)` (embedding counted once: it is tied)."""

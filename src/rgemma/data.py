@@ -239,6 +239,34 @@ def _read_jsonl(path: Path) -> list[Document]:
     return docs
 
 
+def data_files(paths: PathLike | Sequence[PathLike], what: str = "data") -> list[Path]:
+    """The files under `paths`: files as given, directories as their `*.txt` and
+    `*.jsonl` files (recursive, sorted by path).
+
+    Raises:
+        InputError: no paths, a path that does not exist, or a directory without
+            data files (the message names the path and `what` the data is for).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file()
+            )
+            if not found:
+                raise InputError(f"no *.txt or *.jsonl files under directory {p}")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise InputError(f"{what} path not found: {p}")
+    if not files:
+        raise InputError(f"no {what} paths given")
+    return files
+
+
 def read_documents(
     paths: PathLike | Sequence[PathLike], doc_chars: int | None = DEFAULT_DOC_CHARS
 ) -> list[Document]:
@@ -259,23 +287,7 @@ def read_documents(
             file is empty, not UTF-8 or bad JSONL (the message names the file,
             and the line or byte offset).
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file()
-            )
-            if not found:
-                raise InputError(f"no *.txt or *.jsonl files under directory {p}")
-            files += found
-        elif p.exists():
-            files.append(p)
-        else:
-            raise InputError(f"training data path not found: {p}")
-    if not files:
-        raise InputError("no training data paths given")
+    files = data_files(paths, what="training data")
     docs: list[Document] = []
     for f in files:
         if f.suffix == ".jsonl":

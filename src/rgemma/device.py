@@ -36,7 +36,12 @@ def resolve_device(
     if device.type == "meta":
         raise error(f"{what} meta holds no data: choose cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise error(f"{what} {name}: CUDA is not available on this machine")
+        why = (
+            f"this torch build ({torch.__version__}) has no CUDA support"
+            if torch.version.cuda is None
+            else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)"
+        )
+        raise error(f"{what} {name}: CUDA is not available on this machine: {why}")
     try:  # e.g. mps or xla on a build without them
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:

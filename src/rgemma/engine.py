@@ -15,10 +15,21 @@ rows join or are cancelled; the engine runs (vLLM's split between `schedule()` a
 - stop rules: EOS / `<end_of_turn>` ids (`stop_token_ids`), stop strings and
   UTF-8-safe text pieces (`RowText`), the length limit;
 - per-token logprobs where a row asks for them;
+- the logits processors of `SamplingParams` (logit bias, repetition / presence /
+  frequency penalties, `min_tokens`, `ignore_eos`): the per-row token counts they
+  read live on the model's device (`TokenCounts`), updated from the sampled ids
+  there, so they add no host sync;
 - rows joining and leaving the batch (the state's rows follow, `GriffinState.select`).
 
 The decode loop makes one host sync per step (the sampled ids, `.tolist()`), plus
-one per row and token whose `SamplingParams.logprobs` asks for logprobs.
+one per row and token whose `SamplingParams.logprobs` asks for logprobs, unless the
+engine defers it (`sync_every` > 1; `generate` on a GPU): then the ids stay on the
+device, are fed straight back, and are read once per block of `sync_every` steps,
+where the stop rules are applied step by step, so the outputs do not change. The
+rule: deferral applies only while every row stops on stop ids or its length alone
+and draws from nothing shared (greedy or its own seeded generator), with no stop
+strings, logprobs, kept state or logits processors; `stream`, `ChatSession` and the
+server read every step (they release text as it comes).
 
 Counterpart: the official `recurrentgemma/torch/sampler.py` is a static greedy batch
 in which every row runs to the longest; vLLM's `EngineCore.step` is the model of the
@@ -37,7 +48,14 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
-from .sampling import SamplingParams, mask_beyond_vocab
+from .sampling import (
+    SamplingParams,
+    apply_logit_bias,
+    apply_presence_frequency_penalty,
+    apply_repetition_penalty,
+    mask_beyond_vocab,
+    suppress_tokens,
+)
 from .state import GriffinState, concat_states
 
 __all__ = [
@@ -48,6 +66,7 @@ __all__ = [
     "RowEngine",
     "RowOutput",
     "RowText",
+    "TokenCounts",
     "TokenLogprob",
     "activation_dtype",
     "compile_decode",
@@ -59,6 +78,9 @@ __all__ = [
 
 #: Tokens per prefill call: activations are bounded by chunk_size x batch x width.
 DEFAULT_CHUNK_SIZE = 1024
+#: Decode steps between reads of the sampled ids on an accelerator, where rows allow
+#: it (`RowEngine(sync_every=None)`; see `RowEngine._deferrable`).
+DEFAULT_SYNC_EVERY = 8
 #: Prompts longer than this (tokens per row) get a progress bar when stderr is a TTY.
 PROGRESS_MIN_TOKENS = 4096
 
@@ -78,10 +100,11 @@ def activation_dtype(model: torch.nn.Module) -> torch.dtype:
 # The decode step, compiled or not
 # ----------------------------------------------------------------------------------
 def decode_step(
-    model: torch.nn.Module, tokens: Tensor, state: GriffinState
+    model: torch.nn.Module, tokens: Tensor, state: GriffinState, donate: bool = False
 ) -> tuple[Tensor, GriffinState]:
     """One decode step of every row: tokens (b,) int64 -> (logits (b, vocab) float32,
-    state).
+    state). `donate`: the caller owns `state` and drops it, so its attention windows
+    are written in place (`Griffin.forward`'s `donate`).
 
     `model.decode_step` where the model has one (a `Griffin`'s, a `CompiledDecodeStep`
     after `compile_decode`); any other module with Griffin's `forward` (a wrapper) goes
@@ -89,7 +112,7 @@ def decode_step(
     """
     step = getattr(model, "decode_step", None)
     if step is not None:
-        return step(tokens, state)
+        return step(tokens, state, donate=True) if donate else step(tokens, state)
     logits, state = model(tokens[:, None], None, state, logits="last", validate=False)
     return logits[:, -1], state
 
@@ -119,13 +142,15 @@ class CompiledDecodeStep:
         self.compile_seconds = 0.0
         self._batch_sizes: set[int] = set()
 
-    def __call__(self, tokens: Tensor, state: GriffinState) -> tuple[Tensor, GriffinState]:
+    def __call__(
+        self, tokens: Tensor, state: GriffinState, donate: bool = False
+    ) -> tuple[Tensor, GriffinState]:
         if self.failed is not None:
-            return self.eager(tokens, state)
+            return self.eager(tokens, state, donate)
         first = tokens.shape[0] not in self._batch_sizes
         t0 = time.perf_counter()
         try:
-            out = self.compiled(tokens, state)
+            out = self.compiled(tokens, state, donate)
         except Exception as err:  # any compiler failure means eager
             if self.calls:  # it compiled and ran before: a real error, not the compiler
                 raise
@@ -135,7 +160,7 @@ class CompiledDecodeStep:
                 "decoding eagerly",
                 file=sys.stderr,
             )
-            return self.eager(tokens, state)
+            return self.eager(tokens, state, donate)
         if first:
             self._batch_sizes.add(tokens.shape[0])
             self.compile_seconds += time.perf_counter() - t0
@@ -230,10 +255,36 @@ def prefill(
             )
             if bar is not None:
                 bar.update(end - start)
+    except torch.cuda.OutOfMemoryError:
+        raise InputError(prefill_memory_message(model, tokens.shape[0], t, chunk_size)) from None
     finally:
         if bar is not None:
             bar.close()
     return logits[:, -1], state
+
+
+def prefill_memory_message(model: torch.nn.Module, batch: int, t: int, chunk_size: int) -> str:
+    """The one-line error for a GPU out of memory during prefill: the prompt length
+    and an estimate of what it needs (weights + state + one chunk's activations, which
+    do not grow with the prompt) against the device's memory."""
+    cfg = model.config
+    gib = 2**30
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = model.state_nbytes(batch)
+    chunk = min(chunk_size, t)
+    act_bytes = model.embedder.input_embedding.element_size()
+    # Widest activations of a chunk: the MLP's 2 x expanded width, attention logits of
+    # the query chunk against window + chunk keys per head (float32), a few widths.
+    act = batch * chunk * (2 * cfg.mlp_expanded_width + 4 * cfg.width) * act_bytes
+    act += batch * cfg.num_heads * chunk * (cfg.attention_window_size + chunk) * 4
+    device = model_device(model)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    return (
+        f"GPU out of memory prefilling {batch} x {t:,} tokens (chunks of {chunk_size}): "
+        f"estimated {(weights + state + act) / gib:.2f} GiB (weights {weights / gib:.2f}, "
+        f"state {state / gib:.2f}, activations per chunk {act / gib:.2f}) of "
+        f"{total / gib:.1f} GiB on {device}; lower chunk_size or the batch, or free the GPU"
+    )
 
 
 class PromptPrefill:
@@ -294,9 +345,17 @@ class RowText:
         self.pending = ""  # decoded text held back: it may begin a stop string
         self.stop_string: str | None = None
 
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add one id; return (text to release, whether a stop string completed)."""
-        return self._add(self.decoder.push(token_id))
+    def push(self, token_id: int, check: bool = True) -> tuple[str, bool]:
+        """Add one id; return (text to release, whether a stop string completed).
+        `check=False` (before `min_tokens`): stop strings are not looked for in this
+        piece, which is released with whatever was held back."""
+        piece = self.decoder.push(token_id)
+        if not check:
+            out, self.pending = self.pending + piece, ""
+            if out:
+                self.parts.append(out)
+            return out, False
+        return self._add(piece)
 
     def finish(self) -> str:
         """End of the row (EOS or length): release everything held back."""
@@ -371,6 +430,8 @@ class Row:
         prompt_tokens: its prompt's length (BOS included, padding excluded).
         generator: the row's own `torch.Generator` (on the model's device), or None
             for torch's global RNG.
+        prompt_ids: the ids this row's prompt feeds (what `repetition_penalty`
+            counts besides the output; None: the output only).
         tag: anything the caller uses to recognise the row (`generate`: the prompt
             index; the server: the request and choice).
         keep_state: keep the row's state once it stops, after its prompt and all of
@@ -394,10 +455,16 @@ class Row:
         prompt_tokens: int,
         *,
         generator: torch.Generator | None = None,
+        prompt_ids: Sequence[int] | None = None,
         tag: Any = None,
         keep_state: bool = False,
     ) -> None:
+        vocab = tokenizer.vocab_size
+        bad = [i for i, _ in params.logit_bias if i >= vocab]
+        if bad:
+            raise InputError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
         self.params, self.prompt_tokens = params, prompt_tokens
+        self.prompt_ids = prompt_ids
         self.generator, self.tag, self.keep_state = generator, tag, keep_state
         self.text = RowText(tokenizer, params.stop)
         self.ids: list[int] = []
@@ -474,6 +541,10 @@ class RowEngine:
         batch_rows: state rows to hold for n real rows (>= n); the extra rows repeat
             the last real row and are never sampled (the server pads decode batches
             to a few shapes). Default: n.
+        sync_every: read the sampled ids every this many decode steps where the rows
+            allow it (see the module docstring; for a static batch: no row may join
+            or be retained while ids are pending); 1 reads every step; None:
+            `DEFAULT_SYNC_EVERY` on an accelerator, 1 on CPU (where reading is free).
 
     Attributes:
         rows: the rows in the batch, in state order.
@@ -487,15 +558,25 @@ class RowEngine:
         tokenizer: Any,
         *,
         batch_rows: Callable[[int], int] | None = None,
+        sync_every: int | None = 1,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)
+        if sync_every is None:  # reading ids costs a sync only on an accelerator
+            sync_every = DEFAULT_SYNC_EVERY if self.device.type != "cpu" else 1
+        self.sync_every = sync_every
+        self._pending: list[Tensor] = []  # (n,) ids sampled, not yet read (deferred)
+        self._block = 0  # steps in the current deferred block
         self.vocab = tokenizer.vocab_size  # model rows beyond it are never sampled
         self.stop_ids = stop_token_ids(tokenizer)
         self.batch_rows = batch_rows or (lambda n: n)
         self.rows: list[Row] = []
         self.state: GriffinState | None = None
         self._next: Tensor | None = None  # (len(rows),) int64: the ids fed next step
+        self._owned = False  # `state` is the engine's alone: decode steps donate it
+        # Token counts / biases of the rows, made when a row that needs them joins.
+        self._counts: TokenCounts | None = None
+        self._stop_t = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=self.device)
 
     # -- prefill ---------------------------------------------------------------------
     @torch.no_grad()
@@ -614,10 +695,15 @@ class RowEngine:
             if i not in live:
                 row.finish_reason = "length"
                 outs.append(RowOutput(row, None, row.text.finish()))
-        picked = None
+        picked, counts = None, None
         if live:
             sub = logits if len(live) == len(rows) else logits[live]
-            live_outs, picked = self._accept([rows[i] for i in live], sub)
+            live_rows = [rows[i] for i in live]
+            if any(row.params.adjusts_logits for row in live_rows):
+                counts = TokenCounts.start(live_rows, logits.shape[-1], logits.device)
+            live_outs, picked = self._accept(live_rows, sub, self._adjust(sub, live_rows, counts))
+            if counts is not None:
+                counts.update(picked)
             outs += live_outs
         join = []
         for i, row in enumerate(rows):
@@ -628,7 +714,9 @@ class RowEngine:
         if join:
             at = {i: j for j, i in enumerate(live)}
             tokens = _take(picked, [at[i] for i in join])
-            self._join([rows[i] for i in join], state, [src(i) for i in join], tokens)
+            if counts is not None:
+                counts = counts.select([at[i] for i in join])
+            self._join([rows[i] for i in join], state, [src(i) for i in join], tokens, counts)
         return outs
 
     @torch.no_grad()
@@ -649,11 +737,12 @@ class RowEngine:
             tokens = torch.cat([tokens, tokens.new_zeros(size - n)])
         live = [i for i, row in enumerate(rows) if not row.finished]
         if live:
-            logits, self.state = decode_step(self.model, tokens, self.state)
+            logits, self.state = decode_step(self.model, tokens, self.state, self._owned)
         else:  # only rows feeding their last id: no logits needed
             _, self.state = self.model(
                 tokens[:, None], None, self.state, logits="none", validate=False
             )
+        self._owned = True  # a decode step's state is new or was donated
         for i, row in enumerate(rows):
             if row._feed:  # its state now holds all of its ids
                 row._feed, row.state = False, self.state.select([i])
@@ -661,7 +750,15 @@ class RowEngine:
         picked = None
         if live:
             logits = logits[: len(live)] if live[-1] == len(live) - 1 else logits[live]
-            outs, picked = self._accept([rows[i] for i in live], logits)
+            if self.sync_every > 1 and len(live) == n and self._deferrable():
+                return self._defer(logits)
+            live_rows = [rows[i] for i in live]
+            counts = self._counts
+            if counts is not None and len(live) < n:
+                counts = counts.select(live)
+            outs, picked = self._accept(live_rows, logits, self._adjust(logits, live_rows, counts))
+            if self._counts is not None:
+                self._counts.update(picked, None if len(live) == n else live)
             for i in live:
                 row = rows[i]
                 if row.finished and row.keep_state and not row._feed:
@@ -681,13 +778,65 @@ class RowEngine:
 
     def clear(self) -> None:
         """Drop every row."""
-        self.rows, self.state, self._next = [], None, None
+        self.rows, self.state, self._next, self._counts = [], None, None, None
+
+    # -- decode without a host sync per step ---------------------------------------------
+    def _deferrable(self) -> bool:
+        """Whether the ids of this step may be read later (`sync_every` > 1) without
+        changing any row's output: every row stops only on stop ids or its length
+        (no stop strings), reports no logprobs, keeps no state, samples greedily or
+        from its own generator (a row that stopped may draw on: it changes no other
+        row's draws), and has no logits processor that reads the host."""
+        for row in self.rows:
+            p = row.params
+            if p.stop or p.logprobs is not None or row.keep_state or row._feed:
+                return False
+            if p.sampler_key != ("greedy",) and row.generator is None:
+                return False
+            if getattr(p, "adjusts_logits", False) or getattr(p, "ignore_eos", False):
+                return False
+            if getattr(p, "min_tokens", 0):
+                return False
+        return True
+
+    def _defer(self, logits: Tensor) -> list[RowOutput]:
+        """Sample every row on the device and feed the ids straight back; read them
+        (one host sync) only at the end of a block of `sync_every` steps, cut short so
+        that no row passes its length limit, then apply the stop rules step by step
+        as `_accept` would have: ids after a row's stop id are dropped, and the rows
+        that stopped leave the batch. Returns the block's outputs at its end, else []."""
+        rows = self.rows
+        if not self._pending:
+            left = min(row.params.max_new_tokens - len(row.ids) for row in rows)
+            self._block = max(1, min(self.sync_every, left))
+        picked = self._pick(logits, rows)  # (n,) on the device
+        self._pending.append(picked)
+        self._next = picked
+        if len(self._pending) < self._block:
+            return []
+        ids = torch.stack(self._pending, dim=1).tolist()  # (n, block): the one sync
+        self._pending = []
+        outs: list[RowOutput] = []
+        for k in range(len(ids[0])):
+            active = [i for i, row in enumerate(rows) if not row.finished]
+            if not active:
+                break
+            step_outs, _ = self._accept(
+                [rows[i] for i in active], None, ids=[ids[i][k] for i in active]
+            )
+            outs += step_outs
+        keep = [i for i, row in enumerate(rows) if not row.finished]
+        if len(keep) < len(rows):
+            self._select(keep)
+        return outs
 
     # -- internals ---------------------------------------------------------------------
     def _select(self, keep: list[int], tokens: Tensor | None = None) -> None:
         """Keep the rows at `keep`; `tokens`: the ids they feed next (default: theirs
         now). Pad rows repeat the last row kept."""
         self.rows = [self.rows[i] for i in keep]
+        if self._counts is not None:
+            self._counts = self._counts.select(keep) if keep else None
         if not keep:
             self.state = self._next = None
             return
@@ -696,17 +845,30 @@ class RowEngine:
         self.state = self.state.select(idx)
         self._next = tokens if tokens is not None else self._next.index_select(0, idx[: len(keep)])
 
-    def _join(self, rows: list[Row], state: GriffinState, src: list[int], tokens: Tensor) -> None:
+    def _join(
+        self,
+        rows: list[Row],
+        state: GriffinState,
+        src: list[int],
+        tokens: Tensor,
+        counts: TokenCounts | None = None,
+    ) -> None:
         """Append `rows` to the batch; `src[i]` is row i's row in `state`, `tokens`
-        (len(rows),) the ids they feed next. The new state is the old rows, then the
-        new, then pad rows (the last row repeated), made with one copy per tensor."""
+        (len(rows),) the ids they feed next, `counts` their `TokenCounts` (None: they
+        need none). The new state is the old rows, then the new, then pad rows (the
+        last row repeated), made with one copy per tensor."""
         n = len(self.rows)
+        if counts is not None or self._counts is not None:
+            width = (counts or self._counts).counts.shape[1]
+            old = self._counts or TokenCounts.zeros(n, width, self.device)
+            self._counts = old.cat(counts or TokenCounts.zeros(len(rows), width, self.device))
         size = self.batch_rows(n + len(rows))
         src = src + [src[-1]] * (size - n - len(rows))
         self.rows += rows
         self._next = tokens if n == 0 else torch.cat([self._next, tokens])
         if n == 0 and src == list(range(state.batch_size)):
             self.state = state  # the whole prefilled batch, as it is
+            self._owned = False  # the caller may hold it too (e.g. a prefix cache)
             return
         if state.batch_size > 1:
             new = state.select(src)  # a copy
@@ -722,13 +884,17 @@ class RowEngine:
         """One id per row, each with its row's parameters and generator: (b, v) ->
         (b ints, the same (b,) int64 on the device). `.tolist()` is the one host sync
         of a decode step."""
+        picked = self._pick(logits, rows)
+        return picked.tolist(), picked
+
+    def _pick(self, logits: Tensor, rows: list[Row]) -> Tensor:
+        """`_sample` without reading the ids: (b, v) -> (b,) int64 on the device."""
         logits = self._mask(logits)
         groups: dict[tuple, list[int]] = {}  # rows that sample alike
         for i, row in enumerate(rows):
             groups.setdefault(row.params.sampler_key, []).append(i)
         if len(groups) == 1 and ("greedy",) in groups:
-            picked = torch.argmax(logits, dim=-1)
-            return picked.tolist(), picked
+            return torch.argmax(logits, dim=-1)
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         for key, idx in groups.items():
             whole = len(idx) == len(rows)
@@ -740,14 +906,37 @@ class RowEngine:
                 gens = None if all(g is None for g in gens) else gens
                 picked = rows[idx[0]].params.sample_rows(sub, generator=gens)
             if whole:
-                return picked.tolist(), picked
+                return picked
             out[torch.tensor(idx, device=logits.device)] = picked
-        return out.tolist(), out
+        return out
 
-    def _accept(self, rows: list[Row], logits: Tensor) -> tuple[list[RowOutput], Tensor]:
+    def _adjust(self, logits: Tensor, rows: list[Row], counts: TokenCounts | None) -> Tensor:
+        """The logits `rows` sample from: their bias and penalties applied (`counts`,
+        aligned with `rows`), stop ids suppressed for rows with `ignore_eos` or short
+        of `min_tokens`. Returns `logits` itself when no row asks for any of it."""
+        if counts is not None:
+            logits = counts.apply(logits, rows)
+        quiet = [row.params.ignore_eos or row.sampled < row.params.min_tokens for row in rows]
+        if any(quiet) and self._stop_t.numel():
+            mask = None if all(quiet) else torch.tensor(quiet, device=logits.device)
+            logits = suppress_tokens(logits, self._stop_t, mask)
+        return logits
+
+    def _accept(
+        self,
+        rows: list[Row],
+        logits: Tensor | None,
+        sample_from: Tensor | None = None,
+        ids: list[int] | None = None,
+    ) -> tuple[list[RowOutput], Tensor | None]:
         """Sample one id per row and apply the stop rules (the same for every caller).
-        Returns the rows' outputs and their sampled ids, (len(rows),) on the device."""
-        toks, picked = self._sample(logits, rows)
+        `logits` are the model's (logprobs report them); `sample_from`, if given, the
+        processed ones the ids are drawn from (`_adjust`). Returns the rows' outputs
+        and their sampled ids, (len(rows),) on the device."""
+        if ids is not None:  # sampled before (`_defer`): only the stop rules
+            toks, picked = ids, None
+        else:
+            toks, picked = self._sample(logits if sample_from is None else sample_from, rows)
         outs = []
         for i, (row, tok) in enumerate(zip(rows, toks)):
             row.sampled += 1
@@ -756,7 +945,7 @@ class RowEngine:
                 outs.append(RowOutput(row, tok, row.text.finish(), stop_token=True))
                 continue
             row.ids.append(tok)
-            piece, hit = row.text.push(tok)
+            piece, hit = row.text.push(tok, check=len(row.ids) >= row.params.min_tokens)
             if hit:
                 row.finish_reason = "stop"
             elif len(row.ids) >= row.params.max_new_tokens:
@@ -772,6 +961,95 @@ class RowEngine:
                 row._feed = True  # the state lacks its last id: feed it next step
             outs.append(RowOutput(row, tok, piece, lp))
         return outs, picked
+
+
+class TokenCounts:
+    """What the logits processors of some rows read, on the model's device, one row
+    per engine row (the engine keeps them aligned as rows join and leave).
+
+    Attributes:
+        counts: (n, v) float32, times each id was sampled by the row (its output;
+            `presence_penalty` / `frequency_penalty`).
+        seen: (n, v) bool, ids in the row's prompt (`Row.prompt_ids`) or output
+            (`repetition_penalty`).
+        bias: (n, v) float32 dense `logit_bias`, or None when no row has one.
+    """
+
+    def __init__(self, counts: Tensor, seen: Tensor, bias: Tensor | None) -> None:
+        self.counts, self.seen, self.bias = counts, seen, bias
+
+    @classmethod
+    def zeros(cls, n: int, width: int, device: torch.device) -> TokenCounts:
+        counts = torch.zeros(n, width, dtype=torch.float32, device=device)
+        return cls(counts, torch.zeros(n, width, dtype=torch.bool, device=device), None)
+
+    @classmethod
+    def start(cls, rows: Sequence[Row], width: int, device: torch.device) -> TokenCounts:
+        """Counts of rows about to sample their first token: their prompts seen (when
+        they have a repetition penalty), their biases set; one copy to the device."""
+        out = cls.zeros(len(rows), width, device)
+        for i, row in enumerate(rows):
+            p = row.params
+            if p.repetition_penalty != 1.0 and row.prompt_ids:
+                ids = torch.tensor(sorted(set(row.prompt_ids)), dtype=torch.long)
+                out.seen[i, ids[ids < width].to(device)] = True
+            if p.logit_bias:
+                if out.bias is None:
+                    out.bias = torch.zeros_like(out.counts)
+                ids, vals = zip(*p.logit_bias)
+                out.bias[i, torch.tensor(ids, device=device)] = torch.tensor(vals, device=device)
+        return out
+
+    def select(self, idx: Sequence[int]) -> TokenCounts:
+        """The rows at `idx` (a copy)."""
+        i = torch.as_tensor(list(idx), dtype=torch.long, device=self.counts.device)
+        bias = self.bias.index_select(0, i) if self.bias is not None else None
+        return TokenCounts(self.counts.index_select(0, i), self.seen.index_select(0, i), bias)
+
+    def cat(self, other: TokenCounts) -> TokenCounts:
+        """These rows, then `other`'s."""
+        bias = None
+        if self.bias is not None or other.bias is not None:
+            bias = torch.cat(
+                [
+                    b if b is not None else torch.zeros_like(c.counts)
+                    for b, c in ((self.bias, self), (other.bias, other))
+                ]
+            )
+        return TokenCounts(
+            torch.cat([self.counts, other.counts]), torch.cat([self.seen, other.seen]), bias
+        )
+
+    def apply(self, logits: Tensor, rows: Sequence[Row]) -> Tensor:
+        """`logits` (n, v) of `rows` (aligned with these counts) with each row's bias,
+        repetition, presence and frequency penalties applied, in that order (vLLM's)."""
+        if self.bias is not None:
+            logits = apply_logit_bias(logits, self.bias)
+        params = [row.params for row in rows]
+        dev = logits.device
+
+        def column(values: list[float]) -> Tensor:  # (n, 1) float32
+            return torch.tensor(values, dtype=torch.float32, device=dev)[:, None]
+
+        rep = [p.repetition_penalty for p in params]
+        if any(r != 1.0 for r in rep):
+            logits = apply_repetition_penalty(logits, self.seen, column(rep))
+        pres = [p.presence_penalty for p in params]
+        freq = [p.frequency_penalty for p in params]
+        if any(pres) or any(freq):
+            logits = apply_presence_frequency_penalty(
+                logits, self.counts, column(pres), column(freq)
+            )
+        return logits
+
+    def update(self, picked: Tensor, rows: Sequence[int] | None = None) -> None:
+        """Count the ids just sampled, in place on the device (no host sync):
+        `picked` (k,) int64 of rows `rows` (None: rows 0..k-1)."""
+        k = picked.shape[0]
+        dev = self.counts.device
+        r = torch.arange(k, device=dev) if rows is None else torch.as_tensor(rows, device=dev)
+        self.counts.index_put_((r, picked), torch.ones(k, device=dev), accumulate=True)
+        self.seen[r, picked] = True
 
 
 def _take(t: Tensor, idx: list[int]) -> Tensor:

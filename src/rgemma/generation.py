@@ -97,15 +97,27 @@ def find_tokenizer(path: str | os.PathLike[str] | None) -> Path:
 def check_vocab(model: torch.nn.Module, tokenizer: Any) -> None:
     """Raise `CheckpointError` unless every tokenizer id is a valid model id.
 
-    The model's vocabulary may be larger (padding rows never sampled: `generate`
-    masks them); a tokenizer larger than the model is an error.
+    A tokenizer larger than the model is an error. A smaller one gives a
+    `UserWarning` naming both sizes: it is right for a vocabulary padded to a round
+    size (the padding rows are never sampled: `generate` masks them), but it is
+    also what the tokenizer of another model looks like, whose output is garbage.
     """
+    import warnings
+
     model_vocab = model.config.vocab_size
     if tokenizer.vocab_size > model_vocab:
         raise CheckpointError(
             f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} pieces but "
             f"the model's vocab_size is {model_vocab}: the tokenizer's vocabulary must not "
             "be larger than the model's (is it the tokenizer of another model?)"
+        )
+    if tokenizer.vocab_size < model_vocab:
+        warnings.warn(
+            f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} pieces "
+            f"but the model's vocab_size is {model_vocab}: fine for a padded vocabulary, "
+            "garbage if the tokenizer belongs to another model",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -230,10 +242,7 @@ def _encode(
         if isinstance(p, str):
             if chat:
                 messages = [{"role": "user", "content": p}]
-                if continuing:
-                    ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
-                else:
-                    ids = tokenizer.encode_chat(messages)
+                ids = tokenizer.encode_chat(messages, add_bos=not continuing)
             else:
                 ids = tokenizer.encode(p, add_bos=not continuing)
         else:
@@ -262,7 +271,10 @@ def _encode(
 # ----------------------------------------------------------------------------------
 class _Generation:
     """One batched generation; iterating yields (row, text piece) as rows progress,
-    and `results` is set once iteration is over."""
+    and `results` is set once iteration is over. `sync_every`: the engine's (1: text
+    every step, for streams; None, as `generate` sets it: deferred reads on a GPU)."""
+
+    sync_every: int | None = 1
 
     def __init__(
         self,
@@ -304,7 +316,7 @@ class _Generation:
                 for ids in self.prompt_ids
             ]
             return
-        engine = RowEngine(self.model, self.tokenizer)
+        engine = RowEngine(self.model, self.tokenizer, sync_every=self.sync_every)
         logits, state = engine.prefill_prompts(
             self.prompt_ids, self.state, chunk_size=self.chunk_size, progress=self.progress
         )
@@ -315,6 +327,7 @@ class _Generation:
                 self.tokenizer,
                 len(ids),
                 generator=gens[r],
+                prompt_ids=ids,
                 tag=r,
                 keep_state=self.return_state,
             )
@@ -455,6 +468,7 @@ def generate(
         return_state=return_state,
         progress=progress,
     )
+    gen.sync_every = None  # nothing streams: the engine may read ids every few steps
     for _ in gen:
         pass
     assert gen.results is not None
@@ -624,8 +638,10 @@ class ChatSession:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         **options: Any,
     ) -> None:
-        if system is not None and not isinstance(system, str):
-            raise InputError(f"system must be a str or None, got {type(system).__name__}")
+        if system is not None:
+            from .tokenizer import check_text
+
+            check_text(system, "system")  # a str of valid Unicode
         if tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None:
             raise InputError(
                 f"tokenizer {getattr(tokenizer, 'path', '')} has no "
@@ -654,8 +670,9 @@ class ChatSession:
         if self.state is None:
             system = [{"role": "system", "content": self.system}] if self.system else []
             return self.tokenizer.encode_chat(system + user)
-        text = "<end_of_turn>\n" + self.tokenizer.apply_chat_template(user)
-        return self.tokenizer.encode(text, add_bos=False)
+        # Close the previous reply, then the user's turn (its text plain: no forged turns).
+        close = [self.tokenizer.end_of_turn_id, *self.tokenizer.encode("\n", add_bos=False)]
+        return close + self.tokenizer.encode_chat(user, add_bos=False)
 
     def send_stream(self, user_text: str) -> TextStream:
         """Send a user message; return the reply as a stream of text pieces.
@@ -722,8 +739,9 @@ class ChatSession:
         """Continue the conversation saved by `save_state` at `path`.
 
         Raises:
-            CheckpointError: the state file or its `.json` sidecar is missing or not
-                a chat state.
+            CheckpointError: the state file or its `.json` sidecar is missing, not a
+                chat state, or has a missing or invalid field (named: see
+                `rgemma.state.load_state` and `_check_sidecar`).
             InputError: the state was saved for another model config.
         """
         from .state import load_state
@@ -740,16 +758,54 @@ class ChatSession:
             ) from None
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot read chat sidecar {sidecar!r}: {err}") from None
-        if (
-            not isinstance(meta, Mapping)
-            or meta.get("format") != "rgemma-chat"
-            or not isinstance(meta.get("messages"), list)
-        ):
-            raise CheckpointError(f"{sidecar!r} is not an rgemma chat sidecar")
+        system, messages = self._check_sidecar(meta, sidecar)
         if state.batch_size != 1:
             raise CheckpointError(
                 f"chat state {os.fspath(path)!r} has batch size {state.batch_size}, expected 1"
             )
-        self.system = meta.get("system")
-        self.messages = [dict(m) for m in meta["messages"]]
+        self.system = system
+        self.messages = messages
         self.state = state.to(model_device(self.model), dtype=activation_dtype(self.model))
+
+    @staticmethod
+    def _check_sidecar(meta: Any, sidecar: str) -> tuple[str | None, list[dict[str, str]]]:
+        """(system, messages) of a chat sidecar, every field checked as `save_state`
+        writes it: `format` "rgemma-chat", `version` 1, `system` a str or null,
+        `messages` an optional system message, then user / model messages in turn,
+        ending with a model one, each `{"role", "content"}` with str content.
+
+        Raises:
+            CheckpointError: the first field that is missing or invalid, named
+                (`messages[3].role`), as one line.
+        """
+        from .tokenizer import check_text
+
+        def bad(what: str) -> CheckpointError:
+            return CheckpointError(f"chat sidecar {sidecar!r}: {what}")
+
+        if not isinstance(meta, Mapping) or meta.get("format") != "rgemma-chat":
+            raise CheckpointError(f"{sidecar!r} is not an rgemma chat sidecar")
+        if meta.get("version") != 1:
+            raise bad(f"'version' is {meta.get('version')!r}; this rgemma reads version 1")
+        system = meta.get("system")
+        if system is not None and not isinstance(system, str):
+            raise bad(f"'system' must be a string or null, got {type(system).__name__}")
+        messages = meta.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad("'messages' must be a non-empty list of {'role', 'content'} objects")
+        out: list[dict[str, str]] = []
+        first = 1 if isinstance(messages[0], Mapping) and messages[0].get("role") == "system" else 0
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
+                raise bad(f"messages[{i}] must be an object with exactly 'role' and 'content'")
+            want = "system" if i < first else ("user", "model")[(i - first) % 2]
+            if m["role"] != want:
+                raise bad(f"messages[{i}].role is {m['role']!r}, expected {want!r}")
+            try:
+                check_text(m["content"], f"messages[{i}].content")
+            except InputError as err:
+                raise bad(str(err)) from None
+            out.append({"role": want, "content": m["content"]})
+        if out[-1]["role"] != "model":
+            raise bad("'messages' must end with the model's reply")
+        return system, out

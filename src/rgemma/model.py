@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import BlockType, GriffinConfig
 from .errors import InputError
-from .ops import conv1d, linear, linear_scan, local_attention
+from .ops import conv1d, decode_attention, linear, linear_scan, local_attention
 from .state import AttentionState, GriffinState, RecurrentState, _map, check_state, init_state
 
 LogitsMode = Literal["all", "last", "none"]
@@ -214,8 +214,10 @@ class RecurrentBlock(nn.Module):
         self.rg_lru = RGLRU(e, config.num_heads, **kw)
 
     def forward(
-        self, x: Tensor, segment_pos: Tensor, state: RecurrentState
+        self, x: Tensor, segment_pos: Tensor, state: RecurrentState, donate: bool = False
     ) -> tuple[Tensor, RecurrentState]:
+        """`donate` is accepted for a uniform block call; the (small) recurrent state is
+        always returned as new tensors."""
         y = F.gelu(self.linear_y(x), approximate="tanh")  # (b, t, e)
         x, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv)
         x, h = self.rg_lru(x, segment_pos, state.rg_lru)
@@ -242,10 +244,18 @@ def apply_rope(x: Tensor, positions: Tensor, max_wavelength: float = 10_000.0) -
 class LocalAttentionBlock(nn.Module):
     """Local multi-query attention (one key/value head) with RoPE.
 
-    Official: `modules.LocalAttentionBlock`. Long inputs are processed in query
-    chunks of `ATTENTION_QUERY_CHUNK` tokens, so the attention logits are never larger
-    than (chunk x (window + chunk)) per head: memory is linear in t. The attention
-    itself (mask, softmax) is `ops.local_attention`.
+    Official: `modules.LocalAttentionBlock`. The state's window is a ring buffer
+    (`rgemma.state.AttentionState`): the key of position p lives in slot p % w.
+
+    * A decode step (t == 1) attends over the window plus its own key without
+      concatenating them (`ops.decode_attention`), then writes its key into its slot:
+      O(1) writes per step. With `donate=True` the state's window is written in place
+      (the engine's decode step), else into a copy.
+    * A longer call runs in query chunks of `ATTENTION_QUERY_CHUNK` tokens against the
+      window plus the chunk, so the attention logits are never larger than
+      (chunk x (window + chunk)) per head: memory is linear in t. A window with no
+      valid key (a fresh prefill) is skipped. The attention itself is
+      `ops.local_attention`.
     """
 
     def __init__(self, config: GriffinConfig, device=None, dtype=None):
@@ -261,47 +271,107 @@ class LocalAttentionBlock(nn.Module):
         self.proj_final = Linear(d, d, bias=True, **kw)
 
     def forward(
-        self, x: Tensor, segment_pos: Tensor, state: AttentionState
+        self, x: Tensor, segment_pos: Tensor, state: AttentionState, donate: bool = False
     ) -> tuple[Tensor, AttentionState]:
         b, t, _ = x.shape
         q = self.proj_q(x).view(b, t, self.num_heads, self.head_dim)  # (b, t, h, hd)
         q = apply_rope(q, segment_pos, self.rope_max_wavelength) * self.head_dim**-0.5
         k = apply_rope(self.proj_k(x), segment_pos, self.rope_max_wavelength)  # (b, t, hd)
         v = self.proj_v(x)  # (b, t, hd)
+        if t == 1:
+            out, new_state = self._step(q[:, 0], k[:, 0], v[:, 0], segment_pos[:, 0], state, donate)
+        else:
+            out, new_state = self._prefill(q, k, v, segment_pos, state)
+        return self.proj_final(out.reshape(b, t, -1)), new_state
+
+    def _step(
+        self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, state: AttentionState, donate: bool
+    ) -> tuple[Tensor, AttentionState]:
+        """One token per row: q (b, h, hd), k, v (b, hd), pos (b,) -> ((b, h, hd), state)."""
+        keys, values, positions = state
+        if not (donate and keys.dtype == k.dtype and _writable(keys, values, positions)):
+            keys = keys.to(k.dtype, memory_format=torch.contiguous_format, copy=True)
+            values = values.to(v.dtype, memory_format=torch.contiguous_format, copy=True)
+            positions = positions.clone(memory_format=torch.contiguous_format)
+        out = decode_attention(q, k, v, keys, values, positions, pos, self.window)  # (b, h, hd)
+        # The ring write: slot pos % w holds the key w positions back, which this query
+        # has just seen and no later one can. A document start hides every earlier key;
+        # a padded token (pos -1) writes nothing.
+        rows = torch.arange(pos.shape[0], device=pos.device)
+        slot = pos.remainder(positions.shape[1])  # (b,)
+        keep = (pos < 0)[:, None]  # (b, 1)
+        positions.masked_fill_((pos == 0)[:, None], -1)
+        keys[rows, slot] = torch.where(keep, keys[rows, slot], k)
+        values[rows, slot] = torch.where(keep, values[rows, slot], v)
+        positions[rows, slot] = torch.where(keep[:, 0], positions[rows, slot], pos)
+        return out, AttentionState(keys, values, positions)
+
+    def _prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, segment_pos: Tensor, state: AttentionState
+    ) -> tuple[Tensor, AttentionState]:
+        """t tokens per row: q (b, t, h, hd), k, v (b, t, hd) -> ((b, t, h, hd), state)."""
         # Document index of each new token: 0 continues the state's document.
         doc = torch.cumsum((segment_pos == 0).long(), dim=1)  # (b, t)
-
-        cache_k, cache_v = state.keys.to(k.dtype), state.values.to(v.dtype)  # (b, w, hd)
-        cache_pos = state.positions  # (b, w)
-        cache_doc = torch.zeros_like(cache_pos)
+        ring_k, ring_v = state.keys.to(k.dtype), state.values.to(v.dtype)  # (b, w, hd)
+        ring_pos = state.positions  # (b, w)
+        ring_doc = torch.zeros_like(ring_pos)
+        # A fresh prefill: the first query chunk skips the w empty slots (one host sync
+        # per call, never in a decode step).
+        skip = not bool((ring_pos >= 0).any())
         outs = []
-        for start in range(0, t, ATTENTION_QUERY_CHUNK):
-            sl = slice(start, min(t, start + ATTENTION_QUERY_CHUNK))
+        for start in range(0, segment_pos.shape[1], ATTENTION_QUERY_CHUNK):
+            sl = slice(start, start + ATTENTION_QUERY_CHUNK)
             q_pos, q_doc = segment_pos[:, sl], doc[:, sl]
-            ctx_k = torch.cat([cache_k, k[:, sl]], dim=1)  # (b, s, hd)
-            ctx_v = torch.cat([cache_v, v[:, sl]], dim=1)
-            ctx_pos = torch.cat([cache_pos, q_pos], dim=1)  # (b, s)
-            ctx_doc = torch.cat([cache_doc, q_doc], dim=1)
-            offset = cache_k.shape[1]  # query i is key offset + i
-            chunk_out = local_attention(
-                q[:, sl], ctx_k, ctx_v, q_pos, ctx_pos, q_doc, ctx_doc, self.window, offset
+            if skip and start == 0:  # query i is key i
+                ctx_k, ctx_v, ctx_pos, ctx_doc, offset = k[:, sl], v[:, sl], q_pos, q_doc, 0
+            else:  # query i is key w + i
+                ctx_k = torch.cat([ring_k, k[:, sl]], dim=1)  # (b, s, hd)
+                ctx_v = torch.cat([ring_v, v[:, sl]], dim=1)
+                ctx_pos = torch.cat([ring_pos, q_pos], dim=1)  # (b, s)
+                ctx_doc = torch.cat([ring_doc, q_doc], dim=1)
+                offset = ring_pos.shape[1]
+            outs.append(
+                local_attention(
+                    q[:, sl], ctx_k, ctx_v, q_pos, ctx_pos, q_doc, ctx_doc, self.window, offset
+                )
+            )  # (b, chunk, h, hd)
+            ring_k, ring_v, ring_pos, ring_doc = _ring_write(
+                (ring_k, ring_v, ring_pos, ring_doc), (k[:, sl], v[:, sl], q_pos, q_doc), q_pos
             )
-            outs.append(chunk_out)  # (b, chunk, h, hd)
-            keep = min(self.window, ctx_k.shape[1])
-            cache_k, cache_v = ctx_k[:, -keep:], ctx_v[:, -keep:]
-            cache_pos, cache_doc = ctx_pos[:, -keep:], ctx_doc[:, -keep:]
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (b, t, h, hd)
-
         # Keys of documents before the row's last one can never be seen again.
-        last_doc = doc[:, -1:]  # (b, 1)
-        cache_pos = cache_pos.masked_fill(cache_doc != last_doc, -1)
-        missing = self.window - cache_k.shape[1]
-        if missing:  # only when starting from an empty (unallocated) cache
-            cache_k = F.pad(cache_k, (0, 0, missing, 0))
-            cache_v = F.pad(cache_v, (0, 0, missing, 0))
-            cache_pos = F.pad(cache_pos, (missing, 0), value=-1)
-        new_state = AttentionState(cache_k, cache_v, cache_pos)
-        return self.proj_final(out.reshape(b, t, -1)), new_state
+        ring_pos = ring_pos.masked_fill(ring_doc != doc[:, -1:], -1)
+        return out, AttentionState(ring_k, ring_v, ring_pos)
+
+
+def _writable(*tensors: Tensor) -> bool:
+    """Every tensor row-major and owning its elements (no broadcast views such as
+    `GriffinState.expand`'s), so writing one slot changes one row's slot only."""
+    return all(_dense(t) is t and t.stride()[0] != 0 for t in tensors)
+
+
+def _ring_write(ring: tuple[Tensor, ...], new: tuple[Tensor, ...], pos: Tensor):
+    """Write c new tokens into a ring of w slots: token i goes to slot pos[i] % w, the
+    latest token winning a slot; tokens with pos < 0 (padding) write nothing.
+
+    ring: tensors (b, w, ...); new: the matching (b, c, ...); pos (b, c) int64.
+    Returns new tensors (the ring is not modified).
+    """
+    b, w = ring[0].shape[:2]
+    c = pos.shape[1]
+    slot = torch.where(pos >= 0, pos.remainder(w), w)  # (b, c); w: a slot for nothing
+    order = torch.arange(c, device=pos.device).expand(b, c)
+    latest = torch.full((b, w + 1), -1, dtype=torch.long, device=pos.device)
+    latest = latest.scatter_reduce(1, slot, order, "amax")[:, :w]  # (b, w): -1 = not written
+    hit, src = latest >= 0, latest.clamp(min=0)
+    out = []
+    for old, upd in zip(ring, new):
+        if upd.ndim == 3:  # (b, c, hd)
+            got = upd.gather(1, src[..., None].expand(b, w, upd.shape[2]))
+            out.append(torch.where(hit[..., None], got, old))
+        else:  # (b, c)
+            out.append(torch.where(hit, upd.gather(1, src), old))
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------
@@ -379,8 +449,8 @@ class ResidualBlock(nn.Module):
             return self.recurrent_block
         return self.attention_block
 
-    def forward(self, x: Tensor, segment_pos: Tensor, state):
-        y, state = self.temporal_block(self.temporal_pre_norm(x), segment_pos, state)
+    def forward(self, x: Tensor, segment_pos: Tensor, state, donate: bool = False):
+        y, state = self.temporal_block(self.temporal_pre_norm(x), segment_pos, state, donate)
         x = x + y
         return x + self.mlp_block(self.channel_pre_norm(x)), state
 
@@ -518,6 +588,7 @@ class Griffin(nn.Module):
         *,
         logits: LogitsMode = "all",
         validate: bool = True,
+        donate: bool = False,
     ) -> tuple[Tensor | None, GriffinState]:
         """Run the model on new tokens, continuing from `state`.
 
@@ -527,10 +598,15 @@ class Griffin(nn.Module):
                 document, -1 marks left padding. Default: continue from the state's
                 positions (from 0 without a state).
             state: a `GriffinState` from `init_state` or an earlier call; None starts
-                empty. It is not modified.
+                empty. It is not modified (unless `donate`).
             logits: "all" -> (b, t, v); "last" -> (b, 1, v) for the last position only;
                 "none" -> None (prefill that only needs the state).
             validate: check token range, shapes and state (one host sync).
+            donate: a decode step (t == 1) may write the attention windows of `state`
+                in place (O(1) per step instead of a copy of the window): the returned
+                state then shares them, and `state` must not be used again. For the
+                owner of a state, e.g. the engine's decode loop; views that are not
+                writable per row (`GriffinState.expand`) are copied first.
 
         Returns:
             (logits float32 soft-capped, new state). Any split of a sequence into calls
@@ -561,7 +637,7 @@ class Griffin(nn.Module):
                     block, x, segment_pos, block_state, use_reentrant=False
                 )
             else:
-                x, block_state = block(x, segment_pos, block_state)
+                x, block_state = block(x, segment_pos, block_state, donate)
             new_blocks.append(block_state)
         next_pos = segment_pos[:, -1] + 1 if t else state.next_pos
         new_state = GriffinState(tuple(new_blocks), next_pos.clamp(min=0))
@@ -574,18 +650,25 @@ class Griffin(nn.Module):
             return None, new_state
         if logits == "last":
             x = x[:, -1:]
-        out = self.embedder.decode(self.final_norm(x)).float()  # (b, t, v)
+        out = self.embedder.decode(self.final_norm(x)).float()  # (b, t, v), converted once
         cap = self.config.logits_soft_cap
         if cap is not None:
-            out = torch.tanh(out / cap) * cap
+            if out.requires_grad:
+                out = torch.tanh(out / cap) * cap
+            else:  # a fresh float32 tensor: in place, no (b, t, v) temporaries
+                out.div_(cap).tanh_().mul_(cap)
         return out, new_state
 
-    def decode_step(self, tokens: Tensor, state: GriffinState) -> tuple[Tensor, GriffinState]:
+    def decode_step(
+        self, tokens: Tensor, state: GriffinState, donate: bool = False
+    ) -> tuple[Tensor, GriffinState]:
         """One decode step for every row, without input checks (the generation loop's).
 
         Args:
             tokens: (b,) int64, the last sampled token of each row.
             state: the `GriffinState` of batch size b that those tokens continue.
+            donate: write the state's attention windows in place (see `forward`);
+                `state` must not be used again.
 
         Returns:
             (logits (b, vocab_size) float32 soft-capped, the next state).
@@ -593,5 +676,7 @@ class Griffin(nn.Module):
         `rgemma.compile_decode(model)` replaces this method on one model with a
         `torch.compile`d version of it.
         """
-        logits, state = self(tokens[:, None], None, state, logits="last", validate=False)
+        logits, state = self(
+            tokens[:, None], None, state, logits="last", validate=False, donate=donate
+        )
         return logits[:, -1], state

@@ -6,6 +6,14 @@ usual order (that of HF transformers' logits warpers): temperature, then top-k,
 then top-p (nucleus), then min-p, each applied to what the previous one left,
 then one draw per row.
 
+Before those, the logits processors that depend on what a row has seen (vLLM's and
+HF's order: they change the logits the sampler and the greedy argmax both see):
+`apply_logit_bias` (OpenAI `logit_bias`), `apply_repetition_penalty` (HF's
+`RepetitionPenaltyLogitsProcessor`, CTRL paper, arXiv 1909.05858, eq. in 4.1),
+`apply_presence_frequency_penalty` (OpenAI's `presence_penalty` /
+`frequency_penalty`) and `suppress_tokens` (`min_tokens`, `ignore_eos`). The row
+engine keeps the per-row counts they read on the model's device.
+
 The draw is an exponential race: `argmax(p / q)` with `q ~ Exponential(1)` i.i.d.
 per token, which picks token i with probability p_i (as `torch.multinomial`),
 never picks a token of probability 0, and needs no host sync. With a list of
@@ -25,15 +33,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import defaults as _defaults
 from .errors import InputError
 
 __all__ = [
+    "DEFAULT_SAMPLING",
     "SamplingParams",
+    "apply_logit_bias",
+    "apply_presence_frequency_penalty",
+    "apply_repetition_penalty",
     "apply_temperature",
+    "default_sampling",
     "greedy",
     "make_generators",
     "min_p_filter",
     "sample",
+    "suppress_tokens",
     "top_k_filter",
     "top_p_filter",
     "validate_sampling",
@@ -73,6 +88,10 @@ def validate_sampling(
         raise InputError(f"min_p must be in [0, 1] (0 = no min-p filter), got {min_p!r}")
 
 
+#: Logit bias values OpenAI accepts (a bias of -100 bans a token, +100 forces it).
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How one generation samples, stops and reports: made once, passed down.
@@ -80,6 +99,8 @@ class SamplingParams:
     `generate`, `stream`, `ChatSession`, the CLI and the server all take one of these
     (their sampling keyword arguments are sugar that builds it); the row engine reads
     it for every row. The pattern is mlx-lm's `make_sampler` / vLLM's `SamplingParams`.
+    The defaults are plain greedy decoding (the model's own argmax, reproducible);
+    `default_sampling` gives the CLI's and the server's defaults for reading.
 
     Attributes:
         max_new_tokens: most tokens generated per row (>= 0; 0 only prefills). The
@@ -92,8 +113,25 @@ class SamplingParams:
             own generator seeded `seed + r` (see `make_generators`).
         stop: stop strings (a str is taken as one); the text is cut before the first.
         logprobs: number of alternatives to report per sampled token (None: no
-            logprobs; 0: only the sampled token's). Natural log, before temperature.
+            logprobs; 0: only the sampled token's). Natural log of the model's own
+            distribution: before penalties, bias and temperature (as vLLM reports).
         prompt_logprobs: also report the logprob of every prompt token.
+        repetition_penalty: > 0; 1 = off. Every token already in the prompt or the
+            output has its logit divided by it when positive, multiplied when
+            negative (HF semantics). The prompt counts: the ids this call feeds (for a
+            continuation from a state, e.g. a chat turn, only the new turn's ids).
+        presence_penalty: in [-2, 2] (OpenAI's range); subtracted once from the logit
+            of every token the row has generated. Output only, not the prompt.
+        frequency_penalty: in [-2, 2]; subtracted from a token's logit once per time
+            the row has generated it. Output only.
+        logit_bias: {token id: bias in [-100, 100]} added to the logits before
+            sampling (stored as sorted (id, bias) pairs; ids are checked against the
+            vocabulary when a row starts).
+        ignore_eos: never stop on EOS / `<end_of_turn>`: those ids are suppressed
+            (logit -inf) and the row runs to `max_new_tokens` or a stop string.
+        min_tokens: generate at least this many tokens (<= max_new_tokens): until
+            then stop ids are suppressed and stop strings are not looked for (vLLM's
+            semantics).
 
     Raises:
         InputError: a field out of range or of the wrong type (the message names it).
@@ -108,6 +146,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -134,11 +178,43 @@ class SamplingParams:
         lp = self.logprobs
         if lp is not None and (not isinstance(lp, int) or isinstance(lp, bool) or lp < 0):
             raise InputError(f"logprobs must be None or an int >= 0, got {lp!r}")
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0.0 < rp < math.inf:
+            raise InputError(
+                f"repetition_penalty must be a finite number > 0 (1 = off), got {rp!r}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2.0 <= v <= 2.0:
+                raise InputError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}")
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        m = self.min_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            raise InputError(f"min_tokens must be an int >= 0, got {m!r}")
+        if m > n:
+            raise InputError(f"min_tokens ({m}) must not exceed max_new_tokens ({n})")
 
     @property
     def greedy(self) -> bool:
         """True when sampling is argmax (temperature 0 or top_k 1)."""
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """True when a repetition, presence or frequency penalty is on (the engine
+        then keeps the row's token counts)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """True when the logits are changed before sampling: penalties or a bias."""
+        return self.penalized or bool(self.logit_bias)
 
     @property
     def sampler_key(self) -> tuple:
@@ -189,6 +265,62 @@ class SamplingParams:
         if not isinstance(sampling, SamplingParams):
             raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         return dataclasses.replace(sampling, **options) if options else sampling
+
+
+def _check_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as sorted (id, bias) pairs, from a mapping or pairs; keys may be
+    ints or strings of ints (OpenAI's JSON keys)."""
+    if bias is None:
+        return ()
+    if isinstance(bias, Mapping):
+        items = list(bias.items())
+    elif isinstance(bias, (list, tuple)):
+        items = list(bias)
+    else:
+        raise InputError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    lo, hi = LOGIT_BIAS_RANGE
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise InputError(f"logit_bias entries must be (token id, bias), got {item!r}")
+        key, value = item
+        try:
+            token = int(key) if isinstance(key, str) else key
+        except ValueError:
+            token = None
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise InputError(f"logit_bias keys must be token ids (ints >= 0), got {key!r}")
+        if not _is_number(value) or not lo <= value <= hi:
+            raise InputError(f"logit_bias[{token}] must be a number in [-100, 100], got {value!r}")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
+
+
+#: The CLI's and the server's sampling defaults, in one place (`rgemma.defaults`,
+#: which says how they were chosen): temperature 0.8, top-p 0.95, repetition penalty
+#: 1.1 when sampling.
+DEFAULT_SAMPLING: Mapping[str, float] = _defaults.SAMPLING
+
+
+def default_sampling(**given: Any) -> SamplingParams:
+    """The CLI's and the server's `SamplingParams`: the fields given (None = not
+    given) over `DEFAULT_SAMPLING`.
+
+    `temperature` defaults to 0.8 and `top_p` to 0.95; the default repetition
+    penalty (1.1) applies only when sampling, so an explicit `temperature=0` (or
+    `top_k=1`) is the model's plain greedy output unless a penalty is given too.
+
+    Raises:
+        InputError: an unknown field or an invalid value (see `SamplingParams`).
+    """
+    fields = {k: v for k, v in given.items() if v is not None}
+    for name, value in DEFAULT_SAMPLING.items():
+        fields.setdefault(name, value)
+    if "repetition_penalty" not in {k for k, v in given.items() if v is not None}:
+        greedy = fields["temperature"] == 0.0 or fields.get("top_k") == 1
+        if greedy:
+            fields["repetition_penalty"] = 1.0
+    return SamplingParams.make(None, **fields)
 
 
 def greedy(logits: Tensor) -> Tensor:
@@ -337,3 +469,73 @@ def mask_beyond_vocab(logits: Tensor, vocab_size: int) -> Tensor:
     logits = logits.clone()
     logits[..., vocab_size:] = float("-inf")
     return logits
+
+
+# ----------------------------------------------------------------------------------
+# Logits processors: what a row has seen changes its next logits
+# ----------------------------------------------------------------------------------
+def apply_logit_bias(logits: Tensor, bias: Tensor) -> Tensor:
+    """`logits + bias` (OpenAI `logit_bias`, made dense by the caller).
+
+    Args:
+        logits: (b, v) float; bias: (b, v) or (v,) float32 (0 where none).
+
+    Returns:
+        (b, v) float32.
+    """
+    return logits.float() + bias
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor | float) -> Tensor:
+    """Penalise tokens already seen: a positive logit is divided by `penalty`, a
+    negative one multiplied (HF's `RepetitionPenaltyLogitsProcessor`; CTRL, Keskar et
+    al. 2019, section 4.1). `penalty` > 1 discourages repeats, < 1 encourages them.
+
+    Args:
+        logits: (b, v) float.
+        seen: (b, v) bool, True for tokens in the row's prompt or output.
+        penalty: a float, or (b, 1) float32 per row (1 = no change).
+
+    Returns:
+        (b, v) float32 (-inf stays -inf).
+    """
+    logits = logits.float()
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def apply_presence_frequency_penalty(
+    logits: Tensor, counts: Tensor, presence: Tensor | float, frequency: Tensor | float
+) -> Tensor:
+    """OpenAI's penalties: `logits - frequency * count - presence * (count > 0)`.
+
+    Args:
+        logits: (b, v) float.
+        counts: (b, v) float32, times each token was generated by the row.
+        presence, frequency: floats, or (b, 1) float32 per row (0 = off).
+
+    Returns:
+        (b, v) float32.
+    """
+    return logits.float() - counts * frequency - (counts > 0).float() * presence
+
+
+def suppress_tokens(logits: Tensor, token_ids: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Set the logits of `token_ids` to -inf (never sampled), in every row or in the
+    rows where `rows` is True (e.g. stop ids before `min_tokens`).
+
+    Args:
+        logits: (b, v) float; token_ids: (k,) int64; rows: (b,) bool or None.
+
+    Returns:
+        (b, v) float32, a copy.
+    """
+    out = logits.float().clone()
+    if token_ids.numel() == 0:
+        return out
+    cols = out[:, token_ids]  # (b, k)
+    fill = torch.full_like(cols, float("-inf"))
+    if rows is not None:
+        fill = torch.where(rows[:, None], fill, cols)
+    out[:, token_ids] = fill
+    return out

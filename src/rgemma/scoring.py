@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ __all__ = [
     "score_batch",
     "score_documents",
     "score_ids",
+    "score_stream",
     "score_text",
     "score_texts",
 ]
@@ -61,11 +62,15 @@ class Score:
         nll: summed negative log-likelihood of the scored tokens, in nats.
         tokens: number of scored (predicted) tokens.
         bytes: UTF-8 bytes of the text those tokens spell (0 when unknown).
+        greedy: whether every scored token was the model's most likely next token
+            (lm-eval's `is_greedy`); None when not computed (`score_batch(greedy=True)`
+            computes it). A sum is greedy when all its parts are.
     """
 
     nll: float = 0.0
     tokens: int = 0
     bytes: int = 0
+    greedy: bool | None = None
 
     @property
     def nll_per_token(self) -> float:
@@ -86,7 +91,12 @@ class Score:
     def __add__(self, other: Score) -> Score:
         if not isinstance(other, Score):
             return NotImplemented
-        return Score(self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes)
+        greedy = None
+        if self.greedy is not None and other.greedy is not None:
+            greedy = self.greedy and other.greedy
+        return Score(
+            self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes, greedy
+        )
 
     def __radd__(self, other: Any) -> Score:
         if isinstance(other, int) and other == 0:  # sum() starts from 0
@@ -94,8 +104,9 @@ class Score:
         return NotImplemented
 
     def to_dict(self) -> dict[str, float | int]:
-        """The fields and the derived figures, for JSON reports."""
-        return {
+        """The fields and the derived figures, for JSON reports (`greedy` only when
+        computed)."""
+        out = {
             "nll": self.nll,
             "tokens": self.tokens,
             "bytes": self.bytes,
@@ -103,6 +114,9 @@ class Score:
             "perplexity": self.perplexity,
             "bits_per_byte": self.bits_per_byte,
         }
+        if self.greedy is not None:
+            out["greedy"] = self.greedy
+        return out
 
 
 # ----------------------------------------------------------------------------------
@@ -169,6 +183,7 @@ def score_batch(
     num_bytes: Sequence[int] | None = None,
     state: GriffinState | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    greedy: bool = False,
 ) -> list[Score]:
     """Score several token sequences as one batch: the core every scorer calls.
 
@@ -195,9 +210,12 @@ def score_batch(
             (each row starts a document).
         chunk_size: time steps per forward call; memory holds (b x chunk_size x
             vocab) float32 logits.
+        greedy: also set `Score.greedy`: whether each scored token is the argmax of
+            its logits (ties count as greedy when the target is among the maxima).
 
     Returns:
-        one `Score` per row, in order: summed NLL in nats, scored tokens, bytes.
+        one `Score` per row, in order: summed NLL in nats, scored tokens, bytes
+        (and `greedy` when asked).
 
     Raises:
         InputError: no rows, a row shorter than 2 tokens or with an id outside the
@@ -231,6 +249,7 @@ def score_batch(
     inputs = [row[:-1] for row in ids]  # the last token predicts nothing
     lengths = [len(x) for x in inputs]
     nll = torch.zeros(b, dtype=acc_dtype, device=device)
+    misses = torch.zeros(b, dtype=torch.long, device=device)  # scored tokens not the argmax
     alive = list(range(b))  # original row of each batch row of `state`
     for start in range(0, max(lengths), chunk_size):
         still = [r for r in alive if lengths[r] > start]
@@ -253,13 +272,19 @@ def score_batch(
         ).view(len(alive), width)  # (b, c) nats
         per_row = (ce.to(acc_dtype) * keep.to(device)).sum(1)  # (b,)
         nll.index_add_(0, torch.tensor(alive, device=device), per_row)
+        if greedy:  # the target's logit below the row's max: not the greedy choice
+            target = logits.gather(-1, y.to(device)[..., None])[..., 0]  # (b, c)
+            miss = (target < logits.amax(-1)) & keep.to(device)
+            misses.index_add_(0, torch.tensor(alive, device=device), miss.sum(1))
         del logits, ce
-    totals = nll.tolist()  # the only host sync
+    totals = nll.tolist()  # the only host syncs
+    missed = misses.tolist() if greedy else [None] * b
     return [
         Score(
             nll=float(totals[r]),
             tokens=sum(scored[r]),
             bytes=int(num_bytes[r]) if num_bytes is not None else 0,
+            greedy=None if missed[r] is None else missed[r] == 0,
         )
         for r in range(b)
     ]
@@ -307,6 +332,71 @@ def score_ids(
         chunk_size=chunk_size,
     )
     return score
+
+
+@torch.no_grad()
+def score_stream(
+    model: nn.Module,
+    pieces: Iterable[TokenIds],
+    *,
+    num_bytes: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Score:
+    """Log-likelihood of one sequence that arrives in pieces, in bounded memory.
+
+    The sequence is the concatenation of `pieces` (e.g. the blocks of a text file
+    too large to tokenize at once); it is scored as `score_ids` would score it whole,
+    each token predicted from everything before it, because the model's fixed-size
+    state is carried from piece to piece: memory holds one piece's ids, the state and
+    one chunk's logits, whatever the total length. Pieces may be of any length
+    (empty ones are skipped).
+
+    Args:
+        model: a `Griffin` in eval mode.
+        pieces: an iterable of (t_i,) token-id sequences; the first token of the
+            first piece is context only (BOS for a document).
+        num_bytes: UTF-8 bytes of the scored text, copied into the score.
+        chunk_size: tokens per forward call.
+
+    Returns:
+        `Score(nll in nats, tokens = total length - 1, bytes = num_bytes)`.
+
+    Raises:
+        InputError: fewer than 2 tokens in all, an id outside the vocabulary, a bad
+            `chunk_size`.
+    """
+    chunk_size = _check_chunk_size(chunk_size)
+    vocab_size = model.config.vocab_size
+    device = _model_device(model)
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    nll = torch.zeros((), dtype=acc_dtype, device=device)
+    state: GriffinState | None = None
+    last: list[int] = []  # the previous piece's last token: it predicts this piece's first
+    count = 0
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, np.ndarray):
+            piece = torch.from_numpy(piece)
+        ids = piece.tolist() if isinstance(piece, Tensor) else list(piece)
+        if not ids:
+            continue
+        row = [*last, *ids]
+        if len(row) < 2:  # the very first token alone: context for the next piece
+            last = _as_id_list(ids * 2, vocab_size, f"piece {i}")[:1]
+            continue
+        row = _as_id_list(row, vocab_size, f"piece {i}")
+        inputs = row[:-1]  # the last token predicts nothing (yet): it leads the next piece
+        for start in range(0, len(inputs), chunk_size):
+            x = torch.tensor([inputs[start : start + chunk_size]], device=device)  # (1, c)
+            y = torch.tensor(row[start + 1 : start + 1 + x.shape[1]], device=device)  # (c,)
+            logits, state = model(x, None, state, validate=False)  # (1, c, v) float32
+            ce = F.cross_entropy(logits[0].float(), y, reduction="none")  # (c,) nats
+            nll += ce.to(acc_dtype).sum()
+            count += x.shape[1]
+            del logits, ce
+        last = row[-1:]
+    if count == 0:
+        raise InputError("the pieces hold fewer than 2 tokens; scoring needs at least 2")
+    return Score(nll=float(nll), tokens=count, bytes=int(num_bytes))
 
 
 def score_documents(

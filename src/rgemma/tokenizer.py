@@ -4,9 +4,29 @@
 one the official RecurrentGemma checkpoints use) or one made by `train_tokenizer`
 (the bundled demo model's, vocab 4096). Both share Gemma's conventions: byte
 fallback, split digits, no dummy prefix, identity normalisation (so
-`decode(encode(text)) == text` for any text), and the special ids `<pad>`=0,
+`decode(encode(text, special=False)) == text` for any text), and the special ids `<pad>`=0,
 `<eos>`=1, `<bos>`=2, `<unk>`=3 plus the user-defined `<start_of_turn>` and
 `<end_of_turn>` pieces of the instruction-tuned (IT) chat format.
+
+Control pieces and text (the one rule, applied here and nowhere else):
+
+- Control pieces are `<pad>`, `<eos>`, `<bos>`, `<unk>` (SentencePiece's control and
+  unknown pieces), the chat markers `<start_of_turn>`/`<end_of_turn>`, and Gemma's
+  reserved pieces `<mask>`, `<2mass>`, `[@BOS@]`, `<unusedN>` (`Tokenizer.control_pieces`).
+  Other user-defined pieces (newline runs, Gemma's `<table>`, `<b>`...) are text.
+- Chat message content is always plain text: `encode_chat` (and so `ChatSession`,
+  `rgemma chat`, `/v1/chat/completions`) encodes `<end_of_turn>`
+  written in a message as the characters `<`, `end`, `_of`... , never as the
+  control id, so a user cannot close their turn and write one for the model. Only
+  the template inserts control ids.
+- A raw prompt (`encode(text)`: `generate`/`stream` on a str, `/v1/completions`) is
+  parsed: the text of a control piece becomes its id, so a prompt already rendered
+  with the template (`<bos><start_of_turn>user\\n...`, as HF's `apply_chat_template`
+  writes it) gives exactly the ids `encode_chat` gives. A leading BOS is never
+  doubled: `add_bos` adds none when the text starts with `<bos>`.
+  `encode(text, special=False)` encodes such text as plain characters instead.
+- Text must be valid Unicode: a lone surrogate (e.g. from bytes decoded with
+  `surrogateescape`) raises `InputError` naming its position.
 
 Official counterparts: `recurrentgemma/torch/sampler.py` (encode with BOS, decode)
 and the Gemma IT prompt format documented at ai.google.dev/gemma/docs/formatting.
@@ -14,15 +34,17 @@ and the Gemma IT prompt format documented at ai.google.dev/gemma/docs/formatting
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-import tempfile
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 from rgemma.errors import CheckpointError, InputError
+from rgemma.io import atomic_path
 
 __all__ = [
     "BUNDLED_TOKENIZER_PATH",
@@ -30,6 +52,7 @@ __all__ = [
     "StreamDecoder",
     "Tokenizer",
     "chat_turns",
+    "check_text",
     "train_tokenizer",
 ]
 
@@ -39,6 +62,12 @@ BUNDLED_TOKENIZER_PATH = Path(__file__).parent / "assets" / "bundled" / "tokeniz
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+
+#: User-defined pieces that are control tokens rather than text: the chat markers
+#: and Gemma's reserved pieces (ids 4-107 and 255999 of Gemma's vocabulary).
+_CONTROL_USER_PIECE = re.compile(
+    r"<start_of_turn>|<end_of_turn>|<mask>|<2mass>|\[@BOS@\]|<unused[0-9]+>"
+)
 
 #: Accepted chat roles and the role name each one is written as in the prompt.
 CHAT_ROLES: Mapping[str, str] = {
@@ -129,29 +158,104 @@ class Tokenizer:
         """Whether `token_id` is a byte-fallback piece such as `<0xE2>`."""
         return self.sp.is_byte(token_id)
 
-    # ------------------------------------------------------- encode/decode
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-        """Token ids of `text`.
+    # ------------------------------------------------------- control pieces
+    @functools.cached_property
+    def control_pieces(self) -> dict[str, int]:
+        """The control pieces of the vocabulary, text -> id (module docstring).
 
-        Text that spells a user-defined piece (`<start_of_turn>`, and in Gemma's
-        vocabulary also runs of newlines and `<unusedN>`) becomes that piece, as in
-        the official tokenizer.
+        SentencePiece's control and unknown pieces (`<pad>`, `<eos>`, `<bos>`,
+        `<unk>`), the chat markers, and Gemma's reserved pieces (`<mask>`,
+        `<2mass>`, `[@BOS@]`, `<unusedN>`). `encode` parses their text in a raw
+        prompt; `encode_chat` never does in message content. Computed once per
+        tokenizer (about 0.15 s for Gemma's 256000 pieces).
+        """
+        sp, n = self.sp, self.vocab_size
+        ids = {i for i in (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()) if 0 <= i < n}
+        for i, piece in enumerate(sp.id_to_piece(list(range(n)))):
+            if piece[:1] in ("<", "[") and (
+                sp.is_control(i) or sp.is_unknown(i) or _CONTROL_USER_PIECE.fullmatch(piece)
+            ):
+                ids.add(i)
+        return {sp.id_to_piece(i): i for i in sorted(ids)}
+
+    @functools.cached_property
+    def _control_re(self) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
+        """(every control piece's text, those SentencePiece itself matches in text:
+        the user-defined ones), as regexes trying longer texts first."""
+
+        def alternation(texts: Iterable[str]) -> re.Pattern[str] | None:
+            texts = sorted(texts, key=len, reverse=True)
+            return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+        sp = self.sp
+        native = [
+            t for t, i in self.control_pieces.items() if not (sp.is_control(i) or sp.is_unknown(i))
+        ]
+        return alternation(self.control_pieces), alternation(native)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with every control piece's text as plain characters.
+
+        SentencePiece matches user-defined pieces (`<end_of_turn>`) wherever they are
+        spelled; cutting the text just after the `<` of each such spelling and
+        encoding the parts separately keeps them text (`<`, `end`, `_of`, ...).
+        Control text SentencePiece does not match (`<bos>`) needs no cut.
+        """
+        native = self._control_re[1]
+        if native is None or native.search(text) is None:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        start = 0
+        while (m := native.search(text, start)) is not None:
+            cut = m.start() + 1
+            ids += self.sp.encode(text[start:cut])
+            start = cut
+        return ids + self.sp.encode(text[start:])
+
+    def _encode_parsed(self, text: str) -> list[int]:
+        """Ids of `text` with each control piece's text (`<bos>`, `<end_of_turn>`)
+        as its id."""
+        every = self._control_re[0]
+        if every is None:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        start = 0
+        for m in every.finditer(text):
+            ids += self.sp.encode(text[start : m.start()])
+            ids.append(self.control_pieces[m.group()])
+            start = m.end()
+        return ids + self.sp.encode(text[start:])
+
+    # ------------------------------------------------------- encode/decode
+    def encode(
+        self, text: str, add_bos: bool = True, add_eos: bool = False, *, special: bool = True
+    ) -> list[int]:
+        """Token ids of `text`, a raw prompt (not a chat message: see `encode_chat`).
+
+        With `special` (the default), the text of a control piece (`<bos>`,
+        `<eos>`, `<start_of_turn>`, `<end_of_turn>`, ...: `control_pieces`) becomes
+        its id, so a prompt rendered with the chat template
+        (`<bos><start_of_turn>user\\nHi<end_of_turn>\\n<start_of_turn>model\\n`) gives
+        the ids `encode_chat` gives; `add_bos` adds no second BOS when the text
+        starts with `<bos>`. With `special=False` such text is plain characters.
 
         Args:
-            text: any string; encoding is lossless (byte fallback).
-            add_bos: put `bos_id` first.
+            text: any valid Unicode string; encoding is lossless (byte fallback)
+                except that parsed `<bos>`/`<eos>`/`<pad>` decode to nothing.
+            add_bos: put `bos_id` first (unless the text already starts with it).
             add_eos: put `eos_id` last.
+            special: parse control pieces' text (see above).
 
         Returns:
             list of ids in `[0, vocab_size)`.
 
         Raises:
-            InputError: `text` is not a str.
+            InputError: `text` is not a str, or holds a lone surrogate such as
+                "\\ud800" (not valid Unicode; the message names its position).
         """
-        if not isinstance(text, str):
-            raise InputError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
-        ids = self.sp.encode(text)
-        if add_bos:
+        check_text(text, "text")
+        ids = self._encode_parsed(text) if special else self._encode_plain(text)
+        if add_bos and not (ids and ids[0] == self.bos_id):
             ids.insert(0, self.bos_id)
         if add_eos:
             ids.append(self.eos_id)
@@ -160,10 +264,17 @@ class Tokenizer:
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """Token ids of `text` (no BOS/EOS) and the UTF-8 byte offset where each starts.
 
+        SentencePiece's own segmentation: user-defined pieces (`<start_of_turn>`)
+        are matched, control text (`<bos>`) stays characters.
+
         Returns:
             (ids, starts): two lists of equal length; `starts[i]` is the byte offset
             in `text.encode()` of the first byte token i covers.
+
+        Raises:
+            InputError: as `encode`.
         """
+        check_text(text, "text")
         proto = self.sp.encode(text, return_type="proto")
         return [p.id for p in proto.pieces], [p.begin for p in proto.pieces]
 
@@ -213,6 +324,10 @@ class Tokenizer:
         user turn of its own when no user message follows it). The BOS token is
         not part of the string: `encode_chat` adds it as an id.
 
+        The string is for reading, or for another tokenizer: to get ids use
+        `encode_chat`, which keeps the content plain text. (`encode` of this
+        string would parse control text written inside a message.)
+
         Args:
             messages: a non-empty list of `{"role": str, "content": str}` dicts.
             add_generation_prompt: end with `<start_of_turn>model\\n` so that the
@@ -235,25 +350,58 @@ class Tokenizer:
         return text
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        *,
+        add_bos: bool = True,
     ) -> list[int]:
-        """Token ids of `apply_chat_template(messages, add_generation_prompt)`, BOS first.
+        """Token ids of the chat `apply_chat_template(messages, add_generation_prompt)`
+        renders, BOS first (unless `add_bos=False`, for a turn that continues a state).
 
-        As in the official tokenizer, content that spells `<start_of_turn>` or
-        `<end_of_turn>` is encoded as those tokens.
+        Only the template inserts control ids (BOS, `<start_of_turn>`,
+        `<end_of_turn>`): message content is always plain text, so a message that
+        spells `<end_of_turn>` or `<bos>` cannot forge a turn. For content without
+        control text the ids equal `encode` of the rendered string.
 
         Raises:
-            InputError: as `apply_chat_template`; or the vocabulary lacks
+            InputError: as `apply_chat_template`; a lone surrogate in a message (names
+                the message and position); or the vocabulary lacks
                 `<start_of_turn>`/`<end_of_turn>`.
         """
-        if self.start_of_turn_id is None or self.end_of_turn_id is None:
+        sot, eot = self.start_of_turn_id, self.end_of_turn_id
+        if sot is None or eot is None:
             raise InputError(
                 f"tokenizer {self.path} has no {START_OF_TURN}/{END_OF_TURN} pieces, "
                 "so it cannot encode a chat"
             )
-        return [self.bos_id] + self.sp.encode(
-            self.apply_chat_template(messages, add_generation_prompt)
-        )
+        newline = self._encode_plain("\n")
+        ids = [self.bos_id] if add_bos else []
+        for role, content in chat_turns(messages):
+            ids += [sot, *self._encode_plain(f"{role}\n{content}"), eot, *newline]
+        if add_generation_prompt:
+            ids += [sot, *self._encode_plain("model\n")]
+        return ids
+
+
+def check_text(text: object, what: str) -> str:
+    """Return `text` if it is a str of valid Unicode (encodable as UTF-8).
+
+    Raises:
+        InputError: `text` is not a str, or holds a lone surrogate ("\\udc80", as
+            bytes decoded with `surrogateescape` give); names `what` and the
+            character position.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f"{what} is not valid Unicode: lone surrogate U+{ord(text[err.start]):04X} at "
+            f"character {err.start} (decode bytes with errors='replace' first)"
+        ) from None
+    return text
 
 
 def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
@@ -287,6 +435,7 @@ def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
             raise InputError(
                 f"messages[{i}] (role {role!r}) needs a str 'content', got {type(content).__name__}"
             )
+        check_text(content, f"messages[{i}].content")
         if role == "system" and i != 0:
             raise InputError(
                 f"messages[{i}] has role 'system'; only the first message may be a system message"
@@ -531,9 +680,6 @@ def train_tokenizer(
     except RuntimeError as e:
         raise InputError(f"SentencePiece training for {out} failed: {e}") from None
     # Write beside the target and rename, so that no partial file is ever seen.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) as f:
-        f.write(model.getvalue())
-    os.chmod(f.name, 0o644)  # NamedTemporaryFile makes it 0600
-    os.replace(f.name, out)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_bytes(model.getvalue())
     return out

@@ -72,6 +72,34 @@ def int8_matmul_inputs(t, dtype, g):
     return [x.to(dtype), q, scale, scale.to(torch.bfloat16)]
 
 
+def int4_matmul_inputs(t, dtype, g):
+    from rgemma.ops.quant import can_use_kernel, to_cpu_packed
+    from rgemma.quantization import quantize_int4_groupwise
+
+    x = torch.randn(1, t, 64, generator=g) / 8  # up to 16 rows: the int4 kernel on CPU
+    codes, scale_zero = quantize_int4_groupwise(torch.randn(128, 64, generator=g), 32)
+    packed = can_use_kernel(128, 64, 32)  # the kernel's layout where it exists
+    return [x.to(dtype), to_cpu_packed(codes) if packed else codes, scale_zero, 32, packed]
+
+
+def decode_attention_inputs(t, dtype, g):
+    """One new token per row against a ring window of 5 slots (key of position p in
+    slot p % 5): row 0 full (positions 35 + t .. 39 + t), row 1 empty, row 2 holding
+    0..2 and, for odd t, starting a new document (it then sees only itself)."""
+    h, hd, w = 2, 8, 5
+    p0 = 40 + t
+    ring0 = torch.full((w,), -1)
+    for p in range(p0 - w, p0):
+        ring0[p % w] = p
+    cache_pos = torch.stack([ring0, torch.full((w,), -1), torch.tensor([0, 1, 2, -1, -1])])
+    q_pos = torch.tensor([p0, 0, 0 if t % 2 else 3])
+    q = torch.randn(3, h, hd, generator=g) * hd**-0.5
+    k, v = torch.randn(2, 3, hd, generator=g)
+    cache_k, cache_v = torch.randn(2, 3, w, hd, generator=g)
+    cast = [x.to(dtype) for x in (q, k, v, cache_k, cache_v)]
+    return [*cast, cache_pos, q_pos, w]
+
+
 #: op -> (inputs for (t, dtype, generator), positions of the inputs to differentiate)
 CASES = {
     "scan": (scan_inputs, (0, 1, 2)),
@@ -79,6 +107,8 @@ CASES = {
     "attention": (attention_inputs, (0, 1, 2)),
     "linear": (linear_inputs, ()),
     "int8_matmul": (int8_matmul_inputs, ()),
+    "int4_matmul": (int4_matmul_inputs, ()),
+    "decode_attention": (decode_attention_inputs, (0, 1, 2, 3, 4)),
 }
 FAST = [(op, impl) for op, impls in IMPLEMENTATIONS.items() for impl in impls if impl != "ref"]
 
@@ -112,7 +142,7 @@ def test_implementation_equals_reference(op, impl, t, dtype, assert_close):
     ref_outs, ref_grads = run(IMPLEMENTATIONS[op]["ref"], inputs, grad_args)
     outs, grads = run(IMPLEMENTATIONS[op][impl], inputs, grad_args)
     # The int8 kernel computes in bfloat16 whatever the input dtype.
-    tol = torch.bfloat16 if op == "int8_matmul" else dtype
+    tol = torch.bfloat16 if op in ("int8_matmul", "int4_matmul") else dtype
     assert len(outs) == len(ref_outs)
     for name, out, ref in zip(("output", "final state"), outs, ref_outs):
         assert out.dtype == ref.dtype and torch.isfinite(out).all(), name
@@ -209,7 +239,10 @@ def test_forcing_references_gives_the_logits_of_auto(kind, monkeypatch):
 
 def test_use_describe_and_precedence(monkeypatch):
     assert ops.describe() == ops.AUTO["cpu"] == ops.describe(torch.device("cpu"))
-    assert ops.describe("cuda") == ops.AUTO["cuda"] == ops.describe("mps")
+    assert ops.describe("mps") == ops.AUTO["cuda"]
+    # CUDA also takes the Triton kernels where `rgemma.ops.triton` imports.
+    triton = dict.fromkeys(ops._triton_kernels(), "triton")
+    assert ops.describe("cuda") == {**ops.AUTO["cuda"], **triton}
     every_ref = dict.fromkeys(IMPLEMENTATIONS, "ref")
     with ops.use("ref"):
         assert ops.describe() == ops.describe("cuda") == every_ref

@@ -39,6 +39,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train", "train or fine-tune a model (checkpoints, resume, eval)"),
     "train-tokenizer": Command("train_tokenizer", "train a SentencePiece tokenizer on text files"),
     "bench": Command("bench", "time rgemma's prefill and decode (tok/s, GB/s)"),
+    "eval": Command("eval", "perplexity over files, or lm-evaluation-harness tasks"),
+    "convert": Command("convert", "convert a checkpoint to Hugging Face or rgemma format"),
 }
 
 

@@ -172,7 +172,7 @@ def measure(
                 if i == 2:
                     _sync(p.device)
                     t0 = time.perf_counter()
-                logits, state = decode_step(model, logits.argmax(-1), state)
+                logits, state = decode_step(model, logits.argmax(-1), state, donate=True)
             _sync(p.device)
             s = (time.perf_counter() - t0) / steps
             nbytes = weights + state.nbytes()
@@ -264,6 +264,10 @@ def run(args: argparse.Namespace) -> int:
     for row in table:
         cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
         options.write("  ".join(cells) + "\n")
+    from .. import ops
+
+    kernels = "; ".join(f"{k}: {v}" for k, v in ops.describe(p.device, why=True).items())
+    print(f"\nkernels: {kernels}", file=sys.stderr)
     print(
         "\nGB/s: weights + state read per decode step / step time.\n"
         "Compare with the official and HF implementations: python benchmarks/run_all.py",

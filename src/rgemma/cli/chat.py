@@ -16,8 +16,10 @@ examples:
   rgemma chat --save-state talk.state          # keep the conversation at exit
   rgemma chat --load-state talk.state          # ... and continue it later
 
-In the chat: type a message and press Enter; /reset starts over, /exit or
-Ctrl-D leaves, /help lists the commands. Each turn feeds only its new tokens to
+In the chat: type a message and press Enter; /reset starts over, /exit,
+Ctrl-D or Ctrl-C at the prompt leaves, /help lists the commands. Ctrl-C while
+a reply is being written stops that reply and returns to the prompt (the
+conversation keeps its complete turns). Each turn feeds only its new tokens to
 the model's fixed-size state. --save-state writes the state (and talk.state.json,
 the conversation) when the chat ends.
 """
@@ -53,6 +55,24 @@ def _read_line(prompt: str) -> str:
     return line
 
 
+def _reply(session, line: str, interactive: bool) -> bool:
+    """Stream the reply to `line`. Ctrl-C stops it: the session keeps the
+    conversation up to the last complete turn (an abandoned stream changes nothing)
+    and the chat goes on. Returns False when the reply was stopped."""
+    try:
+        for piece in session.send_stream(line):
+            options.write(piece)
+    except KeyboardInterrupt:
+        options.write("\n")
+        print(
+            "(reply stopped; the conversation is kept up to the last complete turn"
+            + ("; Ctrl-C at the prompt or Ctrl-D leaves)" if interactive else ")"),
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `rgemma chat` until /exit, Ctrl-D or the end of stdin; returns 0.
 
@@ -60,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         InputError: a bad sampling option, --load-state / --save-state path or --device.
         CheckpointError: see --model and --load-state.
     """
+    options.configure_inference(args)  # before torch is imported
     sampling = options.sampling_params(args)
     if args.load_state:
         options.check_input_file(args.load_state, "--load-state")
@@ -73,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = options.load_model_and_tokenizer(args)
     from ..generation import ChatSession
 
+    args.system = options.argv_text(args.system, "--system")
     session = ChatSession(model, tokenizer, system=args.system, sampling=sampling)
     if args.load_state:
         session.load_state(args.load_state)
@@ -129,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if not command:
                 continue
-            for piece in session.send_stream(line):
-                options.write(piece)
+            if not _reply(session, line, interactive):
+                continue
             options.write("\n")
     except KeyboardInterrupt:
         save()

@@ -12,6 +12,8 @@ EPILOG = """\
 examples:
   rgemma generate "The capital of France is"
   rgemma generate "Tell me a story" --temperature 0.8 --top-p 0.95 --seed 1
+  rgemma generate "The capital of France is" --temperature 0        # greedy
+  rgemma generate "Once upon a time" --repetition-penalty 1.3 --min-tokens 20
   rgemma generate "Write a haiku" --chat --model ./recurrentgemma-2b-it
   rgemma generate --file prompts.txt --max-new-tokens 64 --stop "\\n\\n"
   echo "Once upon a time" | rgemma generate - --verbose
@@ -71,7 +73,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         raise InputError('no prompt: give PROMPT, "-" to read it from stdin, or --file')
     if args.prompt == "-":
         return [options.read_text("-").removesuffix("\n")]
-    return [args.prompt]
+    return [options.argv_text(args.prompt, "PROMPT")]
 
 
 def _preview(text: str, width: int = 60) -> str:
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         InputError: no prompt or an empty --file, a bad sampling option or --device.
         CheckpointError: see --model.
     """
+    options.configure_inference(args)  # before torch is imported
     sampling = options.sampling_params(args)
     prompts = _prompts(args)
     options.setup_torch(args)
@@ -129,4 +132,9 @@ def run(args: argparse.Namespace) -> int:
             f"state: {model.state_nbytes(1)} bytes per sequence (batch {len(results)})",
             file=sys.stderr,
         )
+        print(f"{options.inference_summary(args)}; sampling: {sampling}", file=sys.stderr)
+        from .. import ops  # which kernel each op ran, and why (measured per machine)
+
+        why = ops.describe(next(model.parameters()).device, why=True)
+        print("kernels: " + "; ".join(f"{k}: {v}" for k, v in why.items()), file=sys.stderr)
     return 0

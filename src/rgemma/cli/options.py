@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -117,9 +118,10 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     """--quantize, --compile (applied by `load_model_and_tokenizer`)."""
     parser.add_argument(
         "--quantize",
-        choices=("int8",),
-        help="weight-only int8 quantization (linear and embedding weights; faster "
-        "batch-1 decode on CPU)",
+        choices=("int8", "int4"),
+        help="weight-only quantization of the linear and embedding weights: int8 (per "
+        "channel) or int4 (groups of 32 columns); faster few-row decode on CPU, the "
+        "RG-LRU and the state stay float32",
     )
     parser.add_argument(
         "--compile",
@@ -140,8 +142,29 @@ def seed_type(text: str) -> int:
     return value
 
 
+def logit_bias_type(text: str) -> tuple[int, float]:
+    """argparse type of --logit-bias: `ID=BIAS` (a token id and a number in
+    [-100, 100])."""
+    ident, sep, value = text.partition("=")
+    try:
+        token, bias = int(ident), float(value)
+    except ValueError:
+        token = bias = None
+    if not sep or token is None or token < 0 or not -100.0 <= bias <= 100.0:
+        raise argparse.ArgumentTypeError(
+            f"expected ID=BIAS (a token id >= 0 and a bias in [-100, 100]), got {text!r}"
+        )
+    return token, bias
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    """The fields of `SamplingParams` a command line sets (see `sampling_params`)."""
+    """The fields of `SamplingParams` a command line sets (see `sampling_params`).
+
+    The sampling defaults are `rgemma.defaults.SAMPLING` (the server's too), shown in
+    --help; an option left out is None here and takes its default in
+    `sampling_params`."""
+    from ..defaults import SAMPLING
+
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -152,30 +175,66 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
     parser.add_argument(
         "--temperature",
         type=float,
-        default=0.0,
         metavar="T",
-        help="sampling temperature; 0 = greedy (default)",
+        help=f"sampling temperature; 0 = greedy, the model's plain argmax (default "
+        f"{SAMPLING['temperature']:g})",
     )
     parser.add_argument(
         "--top-k",
         type=int,
-        default=0,
         metavar="K",
-        help="sample among the K most likely tokens (0 = all)",
+        help="sample among the K most likely tokens (default 0 = all)",
     )
     parser.add_argument(
         "--top-p",
         type=float,
-        default=1.0,
         metavar="P",
-        help="nucleus sampling mass in (0, 1] (1 = all)",
+        help=f"nucleus sampling mass in (0, 1], 1 = all (default {SAMPLING['top_p']:g})",
     )
     parser.add_argument(
         "--min-p",
         type=float,
-        default=0.0,
         metavar="P",
-        help="drop tokens less likely than P x the best one (0 = none)",
+        help="drop tokens less likely than P x the best one (default 0 = none)",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help="divide the positive logits (multiply the negative ones) of tokens already in "
+        "the prompt or the reply by R; 1 = off (default "
+        f"{SAMPLING['repetition_penalty']:g} when sampling, 1 with --temperature 0)",
+    )
+    parser.add_argument(
+        "--presence-penalty",
+        type=float,
+        metavar="X",
+        help="subtract X from the logits of tokens the reply already has, in [-2, 2] (default 0)",
+    )
+    parser.add_argument(
+        "--frequency-penalty",
+        type=float,
+        metavar="X",
+        help="subtract X per earlier occurrence in the reply, in [-2, 2] (default 0)",
+    )
+    parser.add_argument(
+        "--logit-bias",
+        action="append",
+        type=logit_bias_type,
+        metavar="ID=BIAS",
+        help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
+    )
+    parser.add_argument(
+        "--min-tokens",
+        type=int,
+        metavar="N",
+        help="generate at least N tokens before EOS or a stop string may end the reply (default 0)",
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=None,
+        help="do not stop at EOS / end of turn (run to --max-new-tokens or a stop string)",
     )
     parser.add_argument(
         "--seed", type=seed_type, metavar="S", help="random seed (prompt i of a batch uses S + i)"
@@ -192,18 +251,19 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
 
 def sampling_params(args: argparse.Namespace):
     """The sampling options as one `rgemma.sampling.SamplingParams`, checked before
-    any model is loaded.
+    any model is loaded; options not given take `rgemma.defaults.SAMPLING`
+    (`default_sampling`).
 
     Raises:
         InputError: a value out of range; the message names the option as typed
             (`--top-p must be in (0, 1] ...`).
     """
     from ..errors import InputError
-    from ..sampling import SamplingParams
+    from ..sampling import default_sampling
 
     stop: tuple[str, ...] = ()
     if args.stop is not None:
-        stop = tuple(unescape(s) for s in args.stop)
+        stop = tuple(unescape(argv_text(s, "--stop")) for s in args.stop)
         if not all(stop):
             raise InputError("--stop needs a non-empty string")
     fields = {
@@ -212,11 +272,17 @@ def sampling_params(args: argparse.Namespace):
         "top_k": args.top_k,
         "top_p": args.top_p,
         "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "logit_bias": dict(args.logit_bias) if args.logit_bias else None,
+        "min_tokens": args.min_tokens,
+        "ignore_eos": args.ignore_eos,
         "seed": args.seed,
         "stop": stop,
     }
     try:
-        return SamplingParams(**fields)
+        return default_sampling(**fields)
     except InputError as err:  # name the option as typed
         msg = str(err)
         field = next((f for f in fields if msg.startswith(f + " ")), None)
@@ -241,6 +307,23 @@ def unescape(text: str) -> str:
 # ----------------------------------------------------------------------------------
 # Torch and the model
 # ----------------------------------------------------------------------------------
+def configure_inference(args: argparse.Namespace) -> None:
+    """The inference commands' first call, before torch is imported: the OpenMP wait
+    policy (`rgemma.defaults.configure_inference`); what it did is kept in
+    `args.inference_note` for --verbose."""
+    from ..defaults import configure_inference as configure
+
+    args.inference_note = configure()
+
+
+def inference_summary(args: argparse.Namespace) -> str:
+    """One line for --verbose: torch's thread count and the wait policy."""
+    import torch
+
+    note = getattr(args, "inference_note", None) or "OMP_WAIT_POLICY not configured"
+    return f"threads: {torch.get_num_threads()}, {note}"
+
+
 def setup_torch(args: argparse.Namespace) -> None:
     """Apply --threads and check --device before anything is loaded.
 
@@ -277,7 +360,11 @@ def load_model_and_tokenizer(args: argparse.Namespace, *, tokenizer: bool = True
         if tokenizer:
             from ..generation import load
 
-            model, tok = load(args.model, dtype=args.dtype, device=args.device)
+            with warnings.catch_warnings(record=True) as caught:  # shown as one line each
+                warnings.simplefilter("always", UserWarning)
+                model, tok = load(args.model, dtype=args.dtype, device=args.device)
+            for w in caught:
+                warn(str(w.message))
         else:
             from ..checkpoint import load_model
 
@@ -289,7 +376,23 @@ def load_model_and_tokenizer(args: argparse.Namespace, *, tokenizer: bool = True
             where = f" ({err.filename})" if err.filename not in (None, args.model) else ""
             raise InputError(f"--model {args.model}: {err.strerror}{where}") from None
         raise InputError(f"--model {args.model}: {one_line(err)}") from None
+    _default_threads(model, args)
     return apply_speed_options(model, args), tok
+
+
+def _default_threads(model, args: argparse.Namespace) -> None:
+    """Without --threads, a small model runs on one thread (`rgemma.defaults`) for
+    the inference commands (those that called `configure_inference`)."""
+    if getattr(args, "threads", None) is not None or not hasattr(args, "inference_note"):
+        return
+    import torch
+
+    from ..defaults import inference_threads
+
+    threads = inference_threads(sum(p.numel() for p in model.parameters()))
+    if threads is not None:
+        torch.set_num_threads(threads)
+        args.inference_note += f"; {threads} thread for a small model (--threads to change)"
 
 
 def apply_speed_options(model, args: argparse.Namespace):
@@ -342,6 +445,26 @@ def decode_utf8(data: bytes, source: str) -> str:
             "invalid bytes were replaced with U+FFFD"
         )
         return data.decode("utf-8", errors="replace")
+
+
+def argv_text(text: str | None, what: str) -> str | None:
+    """A command-line argument as valid Unicode.
+
+    Python decodes argv with `surrogateescape`, so bytes that are not UTF-8 arrive
+    as lone surrogates, which no tokenizer can encode. They are replaced with
+    U+FFFD, with a one-line warning naming `what` (as for stdin, `decode_utf8`).
+    """
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            data = text.encode("utf-8", errors="surrogateescape")  # the original bytes
+        except UnicodeEncodeError:  # a surrogate not from surrogateescape (main([...]))
+            data = text.encode("utf-8", errors="surrogatepass")
+        return decode_utf8(data, what)
+    return text
 
 
 def read_text(path: str) -> str:

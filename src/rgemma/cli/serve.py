@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from ..defaults import MAX_TOKENS_DEFAULT, SAMPLING
 from . import options
 
 EPILOG = """\
@@ -106,7 +107,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=4096,
         metavar="N",
-        help="largest max_tokens accepted; the chat default (default 4096)",
+        help="largest max_tokens accepted (default 4096)",
+    )
+    p.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=MAX_TOKENS_DEFAULT,
+        metavar="N",
+        help=f"max_tokens of a request that gives none (default {MAX_TOKENS_DEFAULT}); "
+        "sampling fields a request leaves out take the CLI's defaults (temperature "
+        f"{SAMPLING['temperature']:g}, top_p {SAMPLING['top_p']:g}, repetition_penalty "
+        f"{SAMPLING['repetition_penalty']:g} when sampling)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=8.0,
+        metavar="MB",
+        help="largest request body; larger ones get 413 before they are read (default 8)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="stop a request still queued or running after S seconds with 504; 0 = no "
+        "limit (default 600)",
     )
     p.add_argument(
         "--prefill-chunk",
@@ -156,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             model is loaded), FastAPI or uvicorn not installed.
         CheckpointError: see --model.
     """
+    options.configure_inference(args)  # before torch is imported
     from ..errors import InputError
 
     for name in (
@@ -164,8 +191,20 @@ def run(args: argparse.Namespace) -> int:
         "prefix_block",
         "max_prompt_tokens",
         "max_tokens",
+        "max_tokens_default",
     ):
         options.positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.max_tokens_default > args.max_tokens:
+        raise InputError(
+            f"--max-tokens-default ({args.max_tokens_default}) must not exceed --max-tokens "
+            f"({args.max_tokens})"
+        )
+    if args.max_body_mb <= 0:
+        raise InputError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if args.request_timeout < 0:
+        raise InputError(
+            f"--request-timeout must be >= 0 (0 = no limit), got {args.request_timeout}"
+        )
     options.positive("--max-queue", args.max_queue, 0)
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
@@ -192,7 +231,10 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,
+        default_max_tokens=args.max_tokens_default,
         api_key=args.api_key or None,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        request_timeout_s=args.request_timeout or None,
         prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         prefix_block=args.prefix_block,

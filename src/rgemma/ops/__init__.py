@@ -4,9 +4,11 @@
 | --- | --- | --- | --- |
 | `scan` (RG-LRU recurrence) | `linear_scan_ref` | `chunked` | `ops/scan.py` |
 | `conv1d` (Griffin Conv1D) | `conv1d_ref` | `shifted` | `ops/conv1d.py` |
-| `attention` (local MQA) | `local_attention_ref` | `sdpa` | `ops/attention.py` |
-| `linear` | `linear_ref` (`F.linear`) | `mv` | `ops/linear.py` |
+| `attention` (local MQA) | `local_attention_ref` | `sdpa`, `fused` | `ops/attention.py` |
+| `linear` | `linear_ref` (`F.linear`) | `mv`, `tuned` | `ops/linear.py` |
 | `int8_matmul` (weight-only) | `int8_matmul_ref` | `kernel` | `ops/linear.py` |
+| `int4_matmul` (weight-only) | `int4_matmul_ref` | `kernel` | `ops/quant.py` |
+| `decode_attention` (one step) | `decode_attention_ref` | `split` | `ops/attention.py` |
 
 The model calls the dispatching functions below (`linear_scan`, `conv1d`,
 `local_attention`, `linear`, `int8_matmul`); each runs the implementation that
@@ -22,8 +24,9 @@ The model calls the dispatching functions below (`linear_scan`, `conv1d`,
    Triton kernel `rgemma.ops.triton` provides, imported on first use).
 
 An unknown op or implementation name is an `InputError` that lists the choices;
-`describe(device)` names what each op resolves to; `reset()` drops the `use`
-choices. Every implementation is tested
+`describe(device)` names what each op resolves to (`why=True` adds how each was
+chosen and the machine-measured choices behind "tuned", e.g. which GEMV kernel one
+row takes per weight shape); `reset()` drops the `use` choices. Every implementation is tested
 against its reference in `tests/ops/` (outputs, final state, gradients).
 Pattern: mamba's `ops/selective_scan_interface.py`; the official JAX code's
 `resolve_scan_type` picks its scan per device in the same way.
@@ -39,9 +42,23 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .attention import local_attention_ref, local_attention_sdpa
+from .attention import (
+    decode_attention_ref,
+    decode_attention_split,
+    local_attention_fused,
+    local_attention_ref,
+    local_attention_sdpa,
+)
 from .conv1d import conv1d_ref, conv1d_shifted
-from .linear import int8_matmul_kernel, int8_matmul_ref, linear_mv, linear_ref
+from .linear import (
+    gemv_choices,
+    int8_matmul_kernel,
+    int8_matmul_ref,
+    linear_mv,
+    linear_ref,
+    linear_tuned,
+)
+from .quant import int4_matmul_kernel, int4_matmul_ref
 from .scan import linear_scan_chunked, linear_scan_ref
 
 ENV_VAR = "RGEMMA_OPS"
@@ -50,45 +67,59 @@ ENV_VAR = "RGEMMA_OPS"
 IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "scan": {"ref": linear_scan_ref, "chunked": linear_scan_chunked},
     "conv1d": {"ref": conv1d_ref, "shifted": conv1d_shifted},
-    "attention": {"ref": local_attention_ref, "sdpa": local_attention_sdpa},
-    "linear": {"ref": linear_ref, "mv": linear_mv},
+    "attention": {
+        "ref": local_attention_ref,
+        "sdpa": local_attention_sdpa,
+        "fused": local_attention_fused,
+    },
+    "linear": {"ref": linear_ref, "mv": linear_mv, "tuned": linear_tuned},
     "int8_matmul": {"ref": int8_matmul_ref, "kernel": int8_matmul_kernel},
+    "int4_matmul": {"ref": int4_matmul_ref, "kernel": int4_matmul_kernel},
+    "decode_attention": {"ref": decode_attention_ref, "split": decode_attention_split},
 }
 
 #: What "auto" runs per device type; a type not listed takes "cuda"'s entry.
 #: attention stays "ref" on CPU: "sdpa" measured from 0.6x (bfloat16 decode, window
 #: 2048) to 2x (float32 prefill) of it on a shared 2-core machine, not a clear win.
+#: On CUDA attention is "fused" (SDPA's memory-efficient kernel with the exact mask),
+#: and scan and conv1d are "triton" wherever `rgemma.ops.triton` imports.
 AUTO: dict[str, dict[str, str]] = {
     "cpu": {
         "scan": "chunked",
         "conv1d": "shifted",
         "attention": "ref",
-        "linear": "mv",
+        "linear": "tuned",
         "int8_matmul": "kernel",
+        "int4_matmul": "kernel",
+        "decode_attention": "split",
     },
     "cuda": {
         "scan": "chunked",
         "conv1d": "shifted",
-        "attention": "ref",
+        "attention": "fused",
         "linear": "ref",
         "int8_matmul": "ref",
+        "int4_matmul": "ref",
+        "decode_attention": "split",
     },
 }
 
 
 _triton: dict[str, Callable] | None = None
+_triton_missing = ""  # why `rgemma.ops.triton` did not import, for the error message
 
 
 def _triton_kernels() -> dict[str, Callable]:
     """{op: kernel} from `rgemma.ops.triton` (its `KERNELS`), imported on first use;
-    {} when that module or Triton itself is absent. None ship yet: they plug in here
-    and become the "triton" implementation of their op, chosen by "auto" on CUDA."""
-    global _triton
+    {} when that module or Triton itself is absent. Its kernels (the RG-LRU scan and
+    the Conv1D) become the "triton" implementation of their op, chosen by "auto" on
+    CUDA; forcing "triton" without them is an InputError naming the missing package."""
+    global _triton, _triton_missing
     if _triton is None:
         try:
             _triton = dict(importlib.import_module(".triton", __name__).KERNELS)
-        except ImportError:
-            _triton = {}
+        except ImportError as err:
+            _triton, _triton_missing = {}, f"{type(err).__name__}: {err}".splitlines()[0]
     return _triton
 
 
@@ -103,6 +134,11 @@ def _choices(op: str) -> dict[str, Callable]:
 def _check(op: str, impl: str) -> str:
     """`impl` if it names an implementation of `op` (or is "auto"), else InputError."""
     names = _choices(op)
+    if impl == "triton" and impl not in names and _triton_missing:
+        raise InputError(
+            f"{op} impl 'triton' needs the triton package (pip install triton), which "
+            f"did not import ({_triton_missing}); choose from auto, {', '.join(names)}"
+        )
     if impl != "auto" and impl not in names:
         raise InputError(f"unknown {op} impl {impl!r}; choose from auto, {', '.join(names)}")
     return impl
@@ -173,9 +209,26 @@ def _impl(op: str, x: Tensor, impl: str | None) -> Callable:
     return _choices(op)[_check(op, impl)]
 
 
-def describe(device: torch.device | str = "cpu") -> dict[str, str]:
-    """{op: implementation name} that each op runs now on `device` (for logs)."""
-    return {op: name for op, (name, _) in _table(_device_type(device)).items()}
+def describe(device: torch.device | str = "cpu", why: bool = False) -> dict[str, str]:
+    """{op: implementation name} that each op runs now on `device` (for logs).
+
+    With `why`, each name is followed by what chose it ("(use)", "(RGEMMA_OPS)",
+    "(auto)"), and the machine-measured choices made so far are added as entries of
+    their own, e.g. {"linear 1 row, bfloat16 (256000, 2560), 1 thread": "F.linear
+    (F.linear 41000 us, torch.mv 48000 us)"}: "tuned" measures per weight shape at
+    first use, so those appear once the model has run.
+    """
+    names = {op: name for op, (name, _) in _table(_device_type(device)).items()}
+    if not why:
+        return names
+    env = _parse(os.environ.get(ENV_VAR), ENV_VAR)
+    out = {}
+    for op, name in names.items():
+        source = "use" if op in _forced else ENV_VAR if op in env else "auto"
+        out[op] = f"{name} ({source})"
+    if names.get("linear") == "tuned":
+        out.update({f"linear 1 row, {shape}": c for shape, c in gemv_choices().items()})
+    return out
 
 
 def reset() -> None:
@@ -270,6 +323,25 @@ def linear(
     return _impl("linear", x, impl)(x, weight, bias)
 
 
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    window: int,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """One decode step of local attention over the state's window plus the new key:
+    q (b, h, hd) pre-scaled, k, v (b, hd), cache_k, cache_v (b, w, hd), cache_pos
+    (b, w), q_pos (b,) -> (b, h, hd). See `ops.attention`."""
+    fn = _impl("decode_attention", q, impl)
+    return fn(q, k, v, cache_k, cache_v, cache_pos, q_pos, window)
+
+
 def int8_matmul(
     x: Tensor,
     q: Tensor,
@@ -283,12 +355,28 @@ def int8_matmul(
     return _impl("int8_matmul", x, impl)(x, q, scale, scale_bf16)
 
 
+def int4_matmul(
+    x: Tensor,
+    w: Tensor,
+    scale_zero: Tensor,
+    group_size: int,
+    packed: bool = False,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """`x @ W.T` for a group-wise int4 weight W (n, k): x (..., k), w (n, k // 2) uint8
+    codes, scale_zero (k // g, n, 2) bfloat16 -> (..., n) in x's dtype. See `ops.quant`."""
+    return _impl("int4_matmul", x, impl)(x, w, scale_zero, group_size, packed)
+
+
 __all__ = [
     "AUTO",
     "ENV_VAR",
     "IMPLEMENTATIONS",
     "conv1d",
+    "decode_attention",
     "describe",
+    "int4_matmul",
     "int8_matmul",
     "linear",
     "linear_scan",

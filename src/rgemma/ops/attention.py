@@ -77,3 +77,114 @@ def local_attention_sdpa(
         q.reshape(b, 1, t * h, hd), k[:, None], v[:, None], attn_mask=mask, scale=1.0
     )  # (b, 1, t*h, hd)
     return out.view(b, t, h, hd).to(v.dtype)
+
+
+def local_attention_fused(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    q_doc: Tensor,
+    k_doc: Tensor,
+    window: int,
+    self_offset: int,
+) -> Tensor:
+    """`local_attention_ref` as one fused SDPA call per query chunk (same arguments),
+    the "fused" implementation that `ops` picks on CUDA.
+
+    Queries as (b, h, t, hd) over the one key/value head broadcast to every head (a
+    stride-0 view, no copy) and one (b, 1, t, s) boolean mask broadcast across heads,
+    so `F.scaled_dot_product_attention` runs its memory-efficient kernel on CUDA: no
+    (t, s) float logits are materialised, and since the model calls this per query
+    chunk of `ATTENTION_QUERY_CHUNK` against window + chunk keys, memory is linear in
+    the prompt length. The mask is exact (window of `window` + 1 keys, same document,
+    causal, padded keys hidden), so this equals the reference up to the kernel's
+    float32 accumulation order.
+
+    Returns:
+        (b, t, h, hd) in v's dtype (a transposed view).
+    """
+    b, _, h, hd = q.shape
+    s = k.shape[1]
+    mask = local_attention_mask(q_pos, k_pos, q_doc, k_doc, window, self_offset)  # (b, t, s)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # (b, h, t, hd)
+        k[:, None].expand(b, h, s, hd),
+        v[:, None].expand(b, h, s, hd),
+        attn_mask=mask[:, None],  # (b, 1, t, s)
+        scale=1.0,
+    )  # (b, h, t, hd)
+    return out.transpose(1, 2).to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------
+# One decode step against the window (the state), without concatenating it
+# ----------------------------------------------------------------------------------
+def _step_visible(cache_pos: Tensor, q_pos: Tensor, window: int) -> Tensor:
+    """(b, w) bool: which window slots the new query sees. Every valid slot holds a key
+    of the query's document unless the query starts a new one (q_pos == 0)."""
+    qp = q_pos[:, None]  # (b, 1)
+    return (cache_pos >= 0) & (cache_pos <= qp) & (qp - cache_pos <= window) & (qp != 0)
+
+
+def decode_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    window: int,
+) -> Tensor:
+    """Reference decode attention: `local_attention_ref` over the window's keys followed
+    by the new key (the concatenation is the specification).
+
+    Args:
+        q: (b, h, hd) the new token's queries, pre-scaled by hd^-0.5.
+        k, v: (b, hd) its key (RoPE applied) and value.
+        cache_k, cache_v: (b, w, hd) the state's window, any slot order.
+        cache_pos: (b, w) int64 segment_pos of each slot; -1 = empty or invisible.
+        q_pos: (b,) int64 the new token's segment_pos (0 starts a new document).
+        window: the attention window (the query sees itself and `window` keys back).
+
+    Returns:
+        (b, h, hd) in v's dtype.
+    """
+    w = cache_pos.shape[1]
+    ctx_k = torch.cat([cache_k, k[:, None]], dim=1)  # (b, w + 1, hd)
+    ctx_v = torch.cat([cache_v, v[:, None]], dim=1)
+    ctx_pos = torch.cat([cache_pos, q_pos[:, None]], dim=1)  # (b, w + 1)
+    q_doc = (q_pos == 0).long()[:, None]  # (b, 1): 1 = a new document
+    ctx_doc = torch.cat([torch.zeros_like(cache_pos), q_doc], dim=1)
+    out = local_attention_ref(
+        q[:, None], ctx_k, ctx_v, q_pos[:, None], ctx_pos, q_doc, ctx_doc, window, w
+    )
+    return out[:, 0]  # (b, h, hd)
+
+
+def decode_attention_split(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    window: int,
+) -> Tensor:
+    """`decode_attention_ref` without the concatenation (same arguments and returns).
+
+    The logits against the window (one batched matmul over all heads) and against the
+    new key are computed apart and softmaxed together; the output is the window's
+    weighted values plus the new value's share. Nothing of size w is copied: with the
+    state written in place (`rgemma.state`), a decode step reads the window once.
+    """
+    visible = _step_visible(cache_pos, q_pos, window)  # (b, w)
+    logits = torch.bmm(q, cache_k.transpose(1, 2)).float()  # (b, h, w)
+    logits = logits.masked_fill(~visible[:, None, :], torch.finfo(torch.float32).min)
+    own = torch.bmm(q, k[:, :, None]).float()  # (b, h, 1): the query sees itself
+    probs = torch.softmax(torch.cat([logits, own], dim=-1), dim=-1).to(v.dtype)  # (b, h, w + 1)
+    # out = probs[..., :w] @ window values + probs[..., w] * v (one rounding, as a bmm)
+    return torch.baddbmm(probs[..., -1:] * v[:, None, :], probs[..., :-1], cache_v)

@@ -10,16 +10,31 @@ Endpoints:
     GET  /metrics               Prometheus text (see `metrics.Metrics`)
 
 Both generation endpoints take `max_tokens`, `temperature`, `top_p`, `top_k`
-(extension), `min_p` (extension), `seed`, `stop`, `n`, `stream`,
-`stream_options.include_usage`; every response carries `usage` (a stream: in its
-last chunk). Sampling defaults are OpenAI's (temperature 1, top_p 1); the `model`
-field is optional and not checked (one model is served).
+(extension), `min_p` (extension), `presence_penalty`, `frequency_penalty`,
+`repetition_penalty` (extension), `logit_bias`, `ignore_eos` and `min_tokens`
+(extensions), `seed`, `stop`, `n`, `stream`, `stream_options.include_usage`; every
+other field is refused, naming it (see `protocol`). A non-streamed response carries
+`usage`; a stream carries it only with `stream_options.include_usage`, as its own
+last chunk with empty `choices` (as OpenAI). Sampling defaults are the CLI's, from
+one place (`rgemma.sampling.default_sampling`: temperature 0.8, top_p 0.95, the
+repetition penalty when sampling); `max_tokens` defaults to
+`ServeConfig.default_max_tokens` (512, `--max-tokens-default`). The `model` field is
+optional and not checked (one model is served).
+
+Limits, so that one client cannot stall the others: a body larger than
+`max_body_bytes` is refused with 413 before it is read (from Content-Length, or
+while it streams in); prompts are tokenized off the event loop (a text that cannot
+fit `max_prompt_tokens` is refused before tokenizing); a full queue answers 503 with
+`Retry-After`; a request still running after `request_timeout_s` is stopped (504);
+the API key is compared in constant time. /health and /metrics never wait for
+generation (the event loop only parses, routes and streams).
 
 Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for
-bad JSON, wrong types, invalid values (param names the field) and limits (prompt
-longer than `max_prompt_tokens`, `max_tokens` above the limit, more rows than the
-batch); 401 for a wrong or missing API key (`Authorization: Bearer KEY`, only on
-/v1/*); 503 with `Retry-After` when the queue is full.
+bad JSON, wrong types, invalid values and unsupported fields (param names the field)
+and limits (prompt longer than `max_prompt_tokens`, `max_tokens` above the limit,
+more rows than the batch); 401 for a wrong or missing API key (`Authorization:
+Bearer KEY`, only on /v1/*); 413 for a body over the limit; 503 with `Retry-After`
+when the queue is full; 504 past the time limit.
 
 A client that disconnects (streaming or not) cancels its request: its rows leave
 the batch at the next step.
@@ -30,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -43,8 +59,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..defaults import MAX_TOKENS_DEFAULT
 from ..errors import InputError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, default_sampling
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 from .protocol import (
@@ -72,11 +89,13 @@ class ServeConfig:
             takes n rows).
         max_queue: most requests waiting for rows; beyond, 503.
         max_prompt_tokens: longest prompt accepted (400 beyond).
-        max_tokens: the largest `max_tokens` accepted (400 beyond); also the
-            chat default when a request gives none.
-        completion_default_max_tokens: `max_tokens` of /v1/completions when not given
-            (16, as OpenAI's legacy endpoint).
+        max_tokens: the largest `max_tokens` accepted (400 beyond).
+        default_max_tokens: `max_tokens` of a request that gives none (both
+            endpoints; at most `max_tokens`).
         api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`.
+        max_body_bytes: largest request body (413 beyond, refused before reading it).
+        request_timeout_s: a request still queued or running after this many seconds
+            is stopped with 504 (None: no limit).
         prefill_chunk: prompt tokens per prefill call (the longest pause a new
             prompt causes the running rows).
         prefix_cache_bytes: byte budget of the prefix state cache (0: off).
@@ -93,8 +112,10 @@ class ServeConfig:
     max_queue: int = 64
     max_prompt_tokens: int = 8192
     max_tokens: int = 4096
-    completion_default_max_tokens: int = 16
+    default_max_tokens: int = MAX_TOKENS_DEFAULT
     api_key: str | None = None
+    max_body_bytes: int = 8 << 20
+    request_timeout_s: float | None = 600.0
     prefill_chunk: int = 256
     prefix_cache_bytes: int = 1 << 30
     prefix_block: int = 256
@@ -216,6 +237,15 @@ class _Server:
         self.created = int(time.time())
         self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         self._token_str: dict[int, str] = {}
+        # The longest piece in UTF-8 bytes (a byte-fallback piece is one byte).
+        self.max_piece_bytes = max(
+            1,
+            max(
+                len(tokenizer.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                for i in range(tokenizer.vocab_size)
+                if not tokenizer.is_byte(i)
+            ),
+        )
 
     # -- request -> GenerationRequest ---------------------------------------------
     def _check_prompt(self, ids: list[int], param: str) -> None:
@@ -228,46 +258,88 @@ class _Server:
                 code="context_length_exceeded",
             )
 
+    def _check_text_length(self, text: str, param: str) -> None:
+        """Refuse, without tokenizing it, a text that cannot fit `max_prompt_tokens`:
+        a token covers at most `max_piece_bytes` bytes of UTF-8."""
+        limit = self.config.max_prompt_tokens * self.max_piece_bytes
+        if len(text) > limit or len(text.encode("utf-8", errors="surrogatepass")) > limit:
+            raise APIError(
+                400,
+                f"the {param} text is longer than {self.config.max_prompt_tokens} tokens "
+                f"can be ({limit:,} bytes); this server accepts at most "
+                f"{self.config.max_prompt_tokens} prompt tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     def _params(
         self,
         body: Any,
         max_tokens: int | None,
-        default_max: int,
         logprobs: int | None,
         prompt_logprobs: bool,
     ) -> SamplingParams:
         """The request's `SamplingParams`: OpenAI's `max_tokens` (or
-        `max_completion_tokens`) is `max_new_tokens`; OpenAI's defaults otherwise
-        (temperature 1, top_p 1); `top_k` 0 or -1 is off."""
+        `max_completion_tokens`) is `max_new_tokens` (default
+        `config.default_max_tokens`); fields not given take the CLI's defaults
+        (`default_sampling`); `top_k` 0 or -1 is off."""
+        name = (
+            "max_completion_tokens"
+            if getattr(body, "max_completion_tokens", None) is not None
+            else "max_tokens"
+        )
         if max_tokens is None:
-            max_tokens = default_max
+            max_tokens = min(self.config.default_max_tokens, self.config.max_tokens)
         if max_tokens > self.config.max_tokens:
-            name = (
-                "max_completion_tokens"
-                if getattr(body, "max_completion_tokens", None) is not None
-                else "max_tokens"
-            )
             raise APIError(
                 400,
                 f"{name} is {max_tokens}; this server allows at most {self.config.max_tokens}",
                 param=name,
                 code="invalid_value",
             )
-        top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
-        try:
-            return SamplingParams(
-                max_new_tokens=max_tokens,
-                temperature=1.0 if body.temperature is None else float(body.temperature),
-                top_k=top_k,
-                top_p=1.0 if body.top_p is None else float(body.top_p),
-                min_p=0.0 if body.min_p is None else float(body.min_p),
-                seed=body.seed,
-                stop=body.stops,
-                logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
+        if body.min_tokens > max_tokens:
+            raise APIError(
+                400,
+                f"min_tokens ({body.min_tokens}) must not exceed {name} ({max_tokens})",
+                param="min_tokens",
+                code="invalid_value",
             )
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        bad = sorted(k for k in bias if k >= self.vocab)
+        if bad:
+            raise APIError(
+                400,
+                f"logit_bias token id {bad[0]} is outside the vocabulary [0, {self.vocab})",
+                param="logit_bias",
+                code="invalid_value",
+            )
+
+        def number(x: float | None) -> float | None:
+            return None if x is None else float(x)
+
+        fields = {
+            "max_new_tokens": max_tokens,
+            "temperature": number(body.temperature),
+            "top_k": body.top_k if body.top_k is not None and body.top_k > 0 else None,
+            "top_p": number(body.top_p),
+            "min_p": number(body.min_p),
+            "seed": body.seed,
+            "stop": body.stops,
+            "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
+            "presence_penalty": number(body.presence_penalty),
+            "frequency_penalty": number(body.frequency_penalty),
+            "repetition_penalty": number(body.repetition_penalty),
+            "logit_bias": bias,
+            "ignore_eos": body.ignore_eos,
+            "min_tokens": body.min_tokens,
+        }
+        try:
+            return default_sampling(**fields)
         except (InputError, ValueError) as err:
-            raise APIError(400, str(err), code="invalid_value") from None
+            msg = str(err)
+            param = next((f for f in fields if msg.startswith(f + " ")), None)
+            raise APIError(400, msg, param=param, code="invalid_value") from None
 
     def completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """Token ids and echo texts of each prompt."""
@@ -281,7 +353,11 @@ class _Server:
         ids_list, texts = [], []
         for item in raw:
             if isinstance(item, str):
-                ids = self.tokenizer.encode(item, add_bos=True)
+                self._check_text_length(item, "prompt")
+                try:  # e.g. a lone surrogate ("\ud800" in the JSON): 400, not 500
+                    ids = self.tokenizer.encode(item, add_bos=True)
+                except InputError as err:
+                    raise APIError(400, str(err), param="prompt", code="invalid_value") from None
                 texts.append(item)
             else:
                 bad = [x for x in item if not 0 <= x < self.vocab]
@@ -303,6 +379,7 @@ class _Server:
         end of the last finished turn)."""
         role = {"developer": "system", "assistant": "model"}
         messages = [{"role": role.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        self._check_text_length("".join(m["content"] for m in messages), "messages")
         tok = self.tokenizer
         try:
             ids = tok.encode_chat(messages)
@@ -343,7 +420,14 @@ class _Server:
                 param="n",
                 code="invalid_value",
             )
-        req = GenerationRequest(prompts, params, n=n, on_event=bridge.on_event, prefix_hints=hints)
+        req = GenerationRequest(
+            prompts,
+            params,
+            n=n,
+            on_event=bridge.on_event,
+            prefix_hints=hints,
+            timeout_s=self.config.request_timeout_s,
+        )
         bridge.req = req
         try:
             self.scheduler.submit(req)
@@ -378,33 +462,43 @@ class _Server:
         last: dict[str, Any] | None,
         template: dict[str, Any],
     ) -> Iterator[str]:
-        """The end of a stream: the held-back final chunk `last` (with the usage, unless
-        `stream_options.include_usage` asks for a separate usage chunk with no choices,
-        built on `template`), then `[DONE]`."""
-        usage = self.usage(req, choices)
-        include = body.stream_options is not None and body.stream_options.include_usage
+        """The end of a stream: the held-back final chunk `last`, then, only when
+        `stream_options.include_usage` is true, a usage chunk with empty `choices`
+        (built on `template`; OpenAI's), then `[DONE]`."""
         if last is not None:
-            last["usage"] = None if include else usage
             yield _sse(last)
-        if include:
-            yield _sse({**template, "choices": [], "usage": usage})
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield _sse({**template, "choices": [], "usage": self.usage(req, choices)})
         yield "data: [DONE]\n\n"
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes a token stands for: its piece with SentencePiece's word
+        marker as a space; a byte-fallback piece `<0x3D>` is the one byte 0x3D."""
+        piece = self.tokenizer.id_to_piece(token_id)
+        if self.tokenizer.is_byte(token_id):
+            return bytes([int(piece[3:-1], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def token_text(self, token_id: int) -> str:
-        """A token as OpenAI's logprobs show it: its piece, with SentencePiece's word
-        marker as a space (a byte-fallback piece as it is)."""
+        """A token as OpenAI's logprobs show it: the text of its bytes (`<0x3D>` is
+        "="; a byte that is only part of a UTF-8 character shows as `\\xe2`)."""
         s = self._token_str.get(token_id)
         if s is None:
-            piece = self.tokenizer.id_to_piece(token_id)
-            s = piece if self.tokenizer.is_byte(token_id) else piece.replace("\u2581", " ")
+            s = self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")
             if len(self._token_str) < 1_000_000:
                 self._token_str[token_id] = s
         return s
 
     def chat_logprob(self, lp) -> dict[str, Any]:
+        """OpenAI chat logprobs entry: `token` (text), `logprob`, `bytes` (the token's
+        UTF-8 bytes), `top_logprobs`."""
+
         def entry(token_id: int, value: float) -> dict[str, Any]:
-            s = self.token_text(token_id)
-            return {"token": s, "logprob": value, "bytes": list(s.encode("utf-8"))}
+            return {
+                "token": self.token_text(token_id),
+                "logprob": value,
+                "bytes": list(self.token_bytes(token_id)),
+            }
 
         out = entry(lp.token_id, lp.logprob)
         out["top_logprobs"] = [entry(i, v) for i, v in lp.top]
@@ -432,6 +526,13 @@ class _Server:
         }
 
 
+def _event_error(event: Event) -> APIError:
+    """The error of a failed request: 504 past its time limit, else 500."""
+    if event.code == "timeout":
+        return APIError(504, event.message, code="timeout", type="server_error")
+    return APIError(500, event.message, type="server_error")
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -452,7 +553,8 @@ def _as_json(scope: dict) -> dict:
 
 
 class _Guard:
-    """ASGI middleware: API key on /v1/*, and request counts per endpoint and status."""
+    """ASGI middleware: the body size limit (413), the API key on /v1/* (compared in
+    constant time), and request counts per endpoint and status."""
 
     def __init__(self, app: Any, server: _Server) -> None:
         self.app, self.server = app, server
@@ -473,7 +575,27 @@ class _Guard:
         if scope.get("method") == "POST" and path.startswith("/v1/"):
             scope = _as_json(scope)
         key = self.server.config.api_key
+        limit = self.server.config.max_body_bytes
+        too_large = APIError(
+            413,
+            f"the request body is larger than this server's limit of {limit:,} bytes",
+            code="request_too_large",
+        )
         try:
+            length = dict(scope.get("headers") or {}).get(b"content-length")
+            if length is not None and length.strip().isdigit() and int(length) > limit:
+                raise too_large  # refused before a byte of the body is read
+            received = [0]
+            inner_receive = receive
+
+            async def receive() -> dict:  # counts a body sent without Content-Length
+                message = await inner_receive()
+                if message["type"] == "http.request":
+                    received[0] += len(message.get("body", b""))
+                    if received[0] > limit:  # FastAPI passes an HTTPException through
+                        raise StarletteHTTPException(413, too_large.message)
+                return message
+
             if key and path.startswith("/v1/"):
                 headers = dict(scope.get("headers") or {})
                 auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -484,13 +606,15 @@ class _Guard:
                         code="invalid_api_key",
                     )
                 given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not hmac.compare_digest(given.encode(), key.encode()):
+                # Constant time, whatever the lengths: compare digests.
+                if not hmac.compare_digest(
+                    hashlib.sha256(given.encode()).digest(), hashlib.sha256(key.encode()).digest()
+                ):
                     raise APIError(401, "incorrect API key", code="invalid_api_key")
             await self.app(scope, receive, send_counted)
         except APIError as err:
-            response = JSONResponse(
-                err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"}
-            )
+            headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+            response = JSONResponse(err.body(), status_code=err.status, headers=headers)
             await response(scope, receive, send_counted)
         finally:
             self.server.metrics.requests.inc(1, endpoint, str(status[0]))
@@ -547,6 +671,16 @@ def create_app(
         else:
             param = param_of(tuple(first.get("loc", ())))
             msg = first.get("msg", "invalid request")
+            if kind == "extra_forbidden":
+                return JSONResponse(
+                    error_body(
+                        f"unsupported parameter {param!r}: this server does not implement "
+                        "it (see the rgemma serve documentation for the supported fields)",
+                        param=param,
+                        code="unsupported_parameter",
+                    ),
+                    status_code=400,
+                )
             if param is None and kind in ("model_attributes_type", "dict_type"):
                 msg = "the request body must be a JSON object"
             elif param is None and kind == "missing":
@@ -572,7 +706,9 @@ def create_app(
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(
             error_body(
-                str(err.detail), param=None, code="not_found" if err.status_code == 404 else None
+                str(err.detail),
+                param=None,
+                code={404: "not_found", 413: "request_too_large"}.get(err.status_code),
             ),
             status_code=err.status_code,
             headers=err.headers,
@@ -612,14 +748,14 @@ def create_app(
     # -- completions -------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompts, texts = server.completion_prompts(body)
         params = server._params(
             body,
             body.max_tokens,
-            config.completion_default_max_tokens,
             body.logprobs,
             prompt_logprobs=body.echo and body.logprobs is not None,
         )
+        # Tokenizing is CPU work (SentencePiece releases the GIL): off the event loop.
+        prompts, texts = await asyncio.to_thread(server.completion_prompts, body)
         bridge = _Bridge(server.scheduler, request)
         req = server.submit(bridge, prompts, params, body.n)
         n = body.n
@@ -659,7 +795,7 @@ def create_app(
                 last = None
                 async for ev in bridge.events():
                     if ev.kind == "error":
-                        yield _sse(error_body(ev.message, "server_error"))
+                        yield _sse(_event_error(ev).body())
                         return
                     c = choices[ev.index] if ev.kind != "prompt" else None
                     if ev.kind == "prompt":
@@ -691,7 +827,7 @@ def create_app(
         prompt_entries: dict[int, list[Any]] = {}
         async for ev in bridge.events():
             if ev.kind == "error":
-                raise APIError(500, ev.message, type="server_error")
+                raise _event_error(ev)
             if ev.kind == "prompt":
                 prompt_entries[ev.index] = prompt_lp(ev)
             elif ev.kind == "token":
@@ -730,14 +866,14 @@ def create_app(
     # -- chat --------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        ids, hints = server.chat_prompt(body)
         max_tokens = (
             body.max_completion_tokens
             if body.max_completion_tokens is not None
             else body.max_tokens
         )
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = server._params(body, max_tokens, config.max_tokens, logprobs, False)
+        params = server._params(body, max_tokens, logprobs, False)
+        ids, hints = await asyncio.to_thread(server.chat_prompt, body)
         bridge = _Bridge(server.scheduler, request)
         req = server.submit(bridge, [ids], params, body.n, [hints])
         choices = [_Choice() for _ in range(req.num_rows)]
@@ -772,7 +908,7 @@ def create_app(
                 last = None
                 async for ev in bridge.events():
                     if ev.kind == "error":
-                        yield _sse(error_body(ev.message, "server_error"))
+                        yield _sse(_event_error(ev).body())
                         return
                     if ev.kind == "token":
                         lp = (
@@ -798,7 +934,7 @@ def create_app(
 
         async for ev in bridge.events():
             if ev.kind == "error":
-                raise APIError(500, ev.message, type="server_error")
+                raise _event_error(ev)
             c = choices[ev.index]
             if ev.kind == "token":
                 c.text.append(ev.text)

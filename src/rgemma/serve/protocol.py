@@ -1,9 +1,20 @@
 """OpenAI request schemas (pydantic) and the OpenAI error body.
 
-Types are strict (a string where a number belongs is an error, not converted);
-fields this server does not know are ignored, as OpenAI clients send many; known
-OpenAI fields it does not implement are accepted only at their neutral values
-(e.g. `presence_penalty: 0`) and rejected otherwise, naming the field.
+Types are strict (a string where a number belongs is an error, not converted).
+Every field is either honoured or refused with 400 naming it; none is silently
+ignored:
+
+- honoured: the sampling fields (`temperature`, `top_p`, `presence_penalty`,
+  `frequency_penalty`, `logit_bias`, `seed`, `stop`, `max_tokens` /
+  `max_completion_tokens`, `n`), `stream`, `stream_options.include_usage`,
+  `logprobs` / `top_logprobs` / `echo`, and the extensions vLLM also takes: `top_k`,
+  `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`;
+- accepted as labels that change no output: `model` (one model is served), `user`,
+  `metadata`, `service_tier`, `store: false`, `tools: []`, `tool_choice: "none"`,
+  `parallel_tool_calls`, `response_format: {"type": "text"}`, `best_of` equal to `n`,
+  an empty `suffix`, a message's `name`;
+- refused: any other field (`unsupported_parameter`) and the values above that would
+  need what this server does not do (tools, JSON mode, `store: true`, a suffix).
 
 Reference: the OpenAI API reference for `POST /v1/completions` (legacy) and
 `POST /v1/chat/completions`.
@@ -73,7 +84,7 @@ def param_of(loc: tuple) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Strict):
@@ -95,9 +106,15 @@ class _Common(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    store: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, description="extension: 1 = off")
+    ignore_eos: bool = Field(False, description="extension")
+    min_tokens: int = Field(0, ge=0, description="extension")
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -106,11 +123,17 @@ class _Common(_Strict):
             raise _field_error("stop", "at most 16 stop sequences are supported")
         if any(not s for s in stops):
             raise _field_error("stop", "stop sequences must be non-empty strings")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise _field_error(name, f"{name} is not supported (only 0)")
-        if self.logit_bias:
-            raise _field_error("logit_bias", "logit_bias is not supported")
+        if self.store:
+            raise _field_error("store", "store is not supported (completions are not stored)")
+        if self.stream_options is not None and not self.stream:
+            raise _field_error("stream_options", "stream_options needs stream: true")
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise _field_error("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= value <= 100.0:
+                raise _field_error(
+                    "logit_bias", f"logit_bias[{key}] must be in [-100, 100], got {value}"
+                )
         return self
 
     @property
@@ -178,6 +201,8 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -192,6 +217,10 @@ class ChatCompletionRequest(_Common):
         if self.tools:
             raise _field_error("tools", "tools are not supported")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise _field_error(
+                "response_format", "only response_format {'type': 'text'} is supported"
+            )
+        if self.response_format and set(self.response_format) != {"type"}:
             raise _field_error(
                 "response_format", "only response_format {'type': 'text'} is supported"
             )

@@ -119,7 +119,8 @@ class Event:
         "done": choice `index` finished: `finish_reason` "stop" | "length",
             `completion_tokens` (sampled tokens, a final EOS / end-of-turn included),
             `prompt_tokens` of its prompt.
-        "error": the request failed (`message`); no more events follow.
+        "error": the request failed (`message`; `code` "timeout" when it ran past
+            its time limit); no more events follow.
     """
 
     kind: str
@@ -132,6 +133,7 @@ class Event:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     message: str = ""
+    code: str | None = None
 
 
 class GenerationRequest:
@@ -140,7 +142,9 @@ class GenerationRequest:
 
     Choice index of prompt j, sample i: `j * n + i`. `prefix_hints[j]` lists token
     counts where prompt j's shared prefix ends (e.g. after a chat system prompt),
-    used as prefix-cache boundaries.
+    used as prefix-cache boundaries. With `timeout_s`, a request still queued or
+    running that many seconds after it arrived is stopped with an "error" event
+    (code "timeout").
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class GenerationRequest:
         n: int = 1,
         on_event: Callable[[Event], None] | None = None,
         prefix_hints: Sequence[Sequence[int]] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("a request needs at least one prompt, each of at least one token")
@@ -161,6 +166,8 @@ class GenerationRequest:
         self.on_event = on_event or (lambda event: None)
         self.prefix_hints = [tuple(h) for h in (prefix_hints or [()] * len(prompts))]
         self.arrival = time.perf_counter()
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else self.arrival + timeout_s
         self.cancelled = False
         self.finished = False
         self.first_token_at: float | None = None
@@ -373,7 +380,9 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One scheduling step: cancellations, admissions, prefill, one decode step."""
+        """One scheduling step: time limits, cancellations, admissions, prefill, one
+        decode step."""
+        self._expire()
         self._drop_cancelled()
         self._admit()
         self._prefill_some()
@@ -420,6 +429,26 @@ class Scheduler:
         return (
             not self._queue and self.num_rows + self._reserved + req.num_rows <= self.max_batch_size
         )
+
+    def _expire(self) -> None:
+        """Stop the requests past their deadline (queued or admitted): an "error"
+        event with code "timeout"; their rows leave at `_drop_cancelled`."""
+        now = time.perf_counter()
+        with self._cond:
+            late = [r for r in self._queue if r.deadline is not None and now > r.deadline]
+            for req in late:
+                self._queue.remove(req)
+        late += [
+            r
+            for r in self._admitted
+            if r.deadline is not None and now > r.deadline and not r.cancelled
+        ]
+        for req in late:
+            self._fail(
+                req,
+                f"the request ran past this server's time limit of {req.timeout_s:g} s",
+                code="timeout",
+            )
 
     def _drop_cancelled(self) -> None:
         rows = self.engine.rows
@@ -523,6 +552,7 @@ class Scheduler:
                 self.tokenizer,
                 len(job.ids),
                 generator=gens[i],
+                prompt_ids=job.ids,
                 tag=_Choice(req, job.index * n + i),
             )
             for i in range(n)
@@ -602,9 +632,9 @@ class Scheduler:
             req._unstarted = 0
             self._admitted.remove(req)
 
-    def _fail(self, req: GenerationRequest, message: str) -> None:
+    def _fail(self, req: GenerationRequest, message: str, code: str | None = None) -> None:
         req.cancelled = True
-        self._emit(req, Event("error", message=message))
+        self._emit(req, Event("error", message=message, code=code))
         self._retire(req, "error")
 
     def _emit(self, req: GenerationRequest, event: Event) -> None:
