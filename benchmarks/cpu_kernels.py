@@ -20,6 +20,9 @@ Rows:
 * first prefill chunk (1024 queries) against 2048 empty window slots, and skipping
   them;
 * Conv1D over 1024 tokens: `unfold` against shifted multiply-adds;
+* the RG-LRU gate math over 1024 tokens (sigmoids, decay, sqrt(1 - a^2), masks):
+  `rglru_gates_ref` (one op per term) against `rglru_gates_fused` (in place, in
+  cache-sized blocks);
 * one decode step of a 3-block model (recurrent, recurrent, attention) at 2B widths.
 
 Example (about a minute on 2 cores):
@@ -45,6 +48,7 @@ from rgemma.config import BlockType, GriffinConfig
 from rgemma.model import Griffin
 from rgemma.ops.attention import decode_attention_split, local_attention_ref
 from rgemma.ops.conv1d import conv1d_ref, conv1d_shifted
+from rgemma.ops.rglru import rglru_gates_fused, rglru_gates_ref
 from rgemma.state import AttentionState
 
 WIDTH, HEADS, HEAD_DIM, WINDOW, VOCAB, CHUNK = 2560, 10, 256, 2048, 256_000, 1024
@@ -195,6 +199,16 @@ def bench_conv1d(dtype, tag: str, repeats: int, g) -> None:
     print(row(f"Conv1D, {CHUNK} tokens {tag}", "unfold", "shifted", t))
 
 
+def bench_rglru_gates(dtype, tag: str, repeats: int, g) -> None:
+    """The RG-LRU gate math of a 1024-token prefill chunk (one document start)."""
+    x, gate_x, gate_a = (torch.randn(1, CHUNK, WIDTH, generator=g).to(dtype) for _ in "xia")
+    a_param = torch.randn(WIDTH, generator=g).to(dtype)
+    pos = torch.arange(CHUNK)[None]
+    args = (x, gate_x, gate_a, a_param, pos, None)
+    t = compare(lambda: rglru_gates_ref(*args), lambda: rglru_gates_fused(*args), repeats)
+    print(row(f"RG-LRU gate math, {CHUNK} tokens {tag}", "one op per term", "fused", t))
+
+
 def bench_decode_step(model: Griffin, tag: str, b: int, repeats: int) -> None:
     """One decode step with a full window (the cost at any position past 2048)."""
     state = model.init_state(b)
@@ -219,6 +233,10 @@ def bench_decode_step(model: Griffin, tag: str, b: int, repeats: int) -> None:
     print(row(f"decode step {tag}, batch {b} (3 blocks)", "concat, new state", "donated", t))
 
 
+#: The rows `--only` can choose.
+ROWS = ("gemv", "softcap", "attention", "chunk", "conv1d", "rglru", "step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -226,9 +244,17 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64", help="decode batch sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-step", action="store_true", help="no whole decode step")
+    parser.add_argument(
+        "--only",
+        default=",".join(ROWS),
+        help=f"comma-separated rows to run, from {','.join(ROWS)} (default: all)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    only = set(args.only.split(","))
+    if only - set(ROWS):
+        parser.error(f"--only: unknown rows {sorted(only - set(ROWS))}; choose from {ROWS}")
     print(f"CPU: {cpu_description()}")
     print(f"torch {torch.__version__}, rgemma {rgemma.__version__}, {args.threads} thread(s)")
     print(f"times: ms per call, wall / process CPU, best of {args.repeats} alternated samples")
@@ -244,14 +270,19 @@ def main() -> None:
         dtype = getattr(torch, name)
         tag = {"bfloat16": "bf16", "float32": "fp32"}.get(name, name)
         with torch.no_grad():
-            bench_gemv(dtype, tag, args.repeats, g)
-            for b in batches:
+            if "gemv" in only:
+                bench_gemv(dtype, tag, args.repeats, g)
+            for b in batches if "softcap" in only else []:
                 bench_softcap(dtype, tag, b, args.repeats, g)
-            for b in batches:
+            for b in batches if "attention" in only else []:
                 bench_decode_attention(dtype, tag, b, args.repeats, g)
-            bench_prefill_chunk(dtype, tag, args.repeats, g)
-            bench_conv1d(dtype, tag, args.repeats, g)
-            if not args.skip_step:
+            if "chunk" in only:
+                bench_prefill_chunk(dtype, tag, args.repeats, g)
+            if "conv1d" in only:
+                bench_conv1d(dtype, tag, args.repeats, g)
+            if "rglru" in only:
+                bench_rglru_gates(dtype, tag, args.repeats, g)
+            if "step" in only and not args.skip_step:
                 model = Griffin(cfg, dtype=dtype).eval()
                 for b in batches:
                     bench_decode_step(model, tag, b, args.repeats)

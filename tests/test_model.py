@@ -314,8 +314,6 @@ def test_bad_inputs_raise_clear_errors():
         model(ok, torch.full((2, 5), -5))
     with pytest.raises(InputError, match="logits must be 'all', 'last' or 'none', got 'bogus'"):
         model(ok, logits="bogus")
-    with pytest.raises(InputError, match="padding"):
-        model(ok, torch.tensor([[0, 1, -1, 2, 3]] * 2))
     _, state = model(ok)
     with pytest.raises(InputError, match="batch size 2 but tokens have batch size 1"):
         model(ok[:1], state=state)
@@ -560,3 +558,118 @@ def test_state_saved_in_the_earlier_layout_loads_as_a_ring(tmp_path):
     with torch.no_grad():
         out, _ = model(tokens[:, 17:], state=loaded)
     torch.testing.assert_close(out, full[:, 17:], **TOL)
+
+
+# ----------------------------------------------------------------------------------
+# Padding on either side (segment_pos -1): invisible to the real tokens and the state
+# ----------------------------------------------------------------------------------
+def _padded(rows, layout):
+    """Rows of (tokens, segment_pos) in one batch: `layout[i]` = (left, right) padding
+    of row i. Returns tokens, segment_pos (b, T) and each row's real slice."""
+    T = max(left + len(tok) + right for (tok, _), (left, right) in zip(rows, layout))
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)  # pad id 0
+    pos = torch.full((len(rows), T), -1)
+    real = []
+    for i, ((tok, p), (left, _)) in enumerate(zip(rows, layout)):
+        n = len(tok)
+        tokens[i, left : left + n], pos[i, left : left + n] = tok, p
+        real.append(slice(left, left + n))
+    return tokens, pos, real
+
+
+def _assert_states_equal(got, want):
+    """Every tensor of two states of the same batch size, attention slots included."""
+    torch.testing.assert_close(got.next_pos, want.next_pos, rtol=0, atol=0)
+    for g, w in zip(got.blocks, want.blocks):
+        assert type(g) is type(w)
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a.float(), b.float(), **TOL)
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_ODD], ids=["tiny", "odd"])
+def test_right_padded_equals_left_padded_equals_alone(cfg):
+    """A batch of 3 (one row of full length, rows of different lengths, a document
+    reset inside a row) padded on the right, on the left, and on both sides: the
+    logits at real tokens, the final state and a continuation from it (a chunk, then
+    decode steps) equal each row run alone."""
+    model = _model(cfg)
+    g = torch.Generator().manual_seed(3)
+    lengths = [23, 6, 17]  # row 2: two documents, 9 + 8 tokens
+    positions = [torch.arange(23), torch.arange(6), torch.cat([torch.arange(9), torch.arange(8)])]
+    rows = [
+        (torch.randint(0, cfg.vocab_size, (n,), generator=g), p) for n, p in zip(lengths, positions)
+    ]
+    nxt = torch.randint(0, cfg.vocab_size, (3, 7), generator=g)  # the continuation
+    with torch.no_grad():
+        alone = [model(tok[None], p[None]) for tok, p in rows]
+        alone_next = [model(nxt[i : i + 1], state=s)[0] for i, (_, s) in enumerate(alone)]
+        layouts = {
+            "right": [(0, 0), (0, 17), (0, 6)],
+            "left": [(0, 0), (17, 0), (6, 0)],
+            "both": [(2, 1), (10, 10), (0, 9)],  # padding on each side of a row
+        }
+        for name, layout in layouts.items():
+            tokens, pos, real = _padded(rows, layout)
+            out, state = model(tokens, pos)
+            for i, sl in enumerate(real):
+                torch.testing.assert_close(out[i, sl], alone[i][0][0], **TOL, msg=name)
+            _assert_states_equal(state, concat_states([s for _, s in alone]))
+            # Continue: a chunk of 4, then decode steps, from the padded batch's state.
+            outs, st = [], state
+            out, st = model(nxt[:, :4], state=st)
+            outs.append(out)
+            for t in range(4, 7):
+                out, st = model(nxt[:, t : t + 1], state=st, donate=True)
+                outs.append(out)
+            torch.testing.assert_close(torch.cat(outs, 1), torch.cat(alone_next), **TOL)
+
+
+def test_padding_between_tokens_and_after_a_state_is_skipped():
+    """Padding anywhere (between tokens, in decode steps, as a whole chunk) and left
+    padding on a row that continues a state (no document start after it) leave the
+    result of the row without its padding; a row of padding only keeps its state."""
+    model = _model()
+    tokens = torch.randint(0, CFG.vocab_size, (2, 40))
+    with torch.no_grad():
+        full, full_state = model(tokens)
+        _, state = model(tokens[:, :15])
+        # Row 0 gets 3 padding tokens before its next 10, row 1 after them.
+        x = torch.zeros(2, 13, dtype=torch.long)
+        pos = torch.full((2, 13), -1)
+        x[0, 3:], pos[0, 3:] = tokens[0, 15:25], torch.arange(15, 25)
+        x[1, :10], pos[1, :10] = tokens[1, 15:25], torch.arange(15, 25)
+        out, state = model(x, pos, state)
+        torch.testing.assert_close(out[0, 3:], full[0, 15:25], **TOL)
+        torch.testing.assert_close(out[1, :10], full[1, 15:25], **TOL)
+        # A chunk of padding only, and a decode step padded in one row.
+        _, same = model(torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), -1), state)
+        _assert_states_equal(same, state)
+        out, state = model(tokens[:, 25:26], torch.tensor([[25], [-1]]), state)
+        out, state = model(tokens[1:2, 25:26].expand(2, 1), torch.tensor([[-1], [25]]), state)
+        # Interior padding in both rows, then the rest.
+        x = torch.zeros(2, 18, dtype=torch.long)
+        pos = torch.full((2, 18), -1)
+        x[:, [0, 1, 4, 5, 6]], pos[:, [0, 1, 4, 5, 6]] = tokens[:, 26:31], torch.arange(26, 31)
+        x[:, 9:], pos[:, 9:] = tokens[:, 31:40], torch.arange(31, 40)
+        out, state = model(x, pos, state)
+        torch.testing.assert_close(out[:, 9:], full[:, 31:40], **TOL)
+        torch.testing.assert_close(out[:, [0, 1, 4, 5, 6]], full[:, 26:31], **TOL)
+    _assert_states_equal(state, full_state)
+
+
+def test_padded_training_step_has_the_gradients_of_the_unpadded_row():
+    """Gradients flow through real tokens only: a right-padded row's loss has the
+    gradients of the row alone (padding contributes nothing)."""
+    model = _model()
+    tokens = torch.randint(0, CFG.vocab_size, (1, 12))
+    padded = torch.cat([tokens, torch.zeros(1, 5, dtype=torch.long)], 1)
+    pos = torch.cat([torch.arange(12), torch.full((5,), -1)])[None]
+    grads = []
+    for x, p in [(tokens, None), (padded, pos)]:
+        model.zero_grad()
+        out, _ = model(x, p)
+        out[:, :12].logsumexp(-1).sum().backward()
+        grads.append({n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)

@@ -211,6 +211,21 @@ def test_lone_surrogates_raise_input_error_naming_the_position(model, tok, text,
     assert chat.state is None and chat.messages == []  # nothing half-done
 
 
+@pytest.mark.parametrize(
+    ("prompts", "where"),
+    [(b"Hi", "prompts"), (bytearray(b"Hi"), "prompts"), (["ok", b"\xff\xfe"], r"prompts\[1\]")],
+)
+def test_bytes_prompts_are_refused_not_read_as_token_ids(model, tok, prompts, where):
+    # bytes are a sequence of ints: they used to be taken for token ids, silently.
+    for call in (
+        lambda: generate(model, tok, prompts, max_new_tokens=1),
+        lambda: stream(model, tok, prompts, max_new_tokens=1),
+    ):
+        with pytest.raises(InputError, match=f"{where} is bytes.*decode it first") as e:
+            call()
+        one_line(e.value)
+
+
 def test_cli_replaces_invalid_utf8_in_arguments(capsys, tmp_path):
     d = tmp_path / "tiny"
     save_model(tiny_model(), d, tokenizer_path=tokenizer_dir() / "tokenizer.model")
@@ -397,6 +412,114 @@ def test_weights_overflowing_the_target_dtype(ckpt):
     load_model(ckpt, dtype="bfloat16")
     with pytest.raises(CheckpointError, match="overflows torch.float16"):
         load_model(ckpt, dtype="float16")
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [
+        ("blocks.0.mlp_block.ffw_down.scale", float("nan")),  # an int8 weight's scale
+        ("blocks.1.channel_pre_norm.scale", float("inf")),  # an unquantized weight
+        ("embedder.row_scale", -float("inf")),
+    ],
+)
+def test_non_finite_weights_are_refused_in_int8_checkpoints(tmp_path, key, bad):
+    from rgemma import quantize
+
+    d = tmp_path / "int8"
+    save_model(
+        quantize(random_model(tiny_config()), "int8"),
+        d,
+        tokenizer_path=tokenizer_dir() / "tokenizer.model",
+    )
+    load_model(d)  # the clean one loads
+    weights = load_file(d / "model.safetensors")
+    weights[key].view(-1)[1] = bad
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)}.*1 non-finite value") as e:
+        load_model(d)
+    one_line(e.value)
+
+
+def overflowing_model(dtype: torch.dtype) -> Griffin:
+    """The tiny model in `dtype` with finite weights whose activations overflow it:
+    block 0's MLP scaled up (float16's largest value is 65504, bfloat16's 3.4e38)."""
+    model = random_model(tiny_config()).to(dtype)
+    scale = 1e3 if dtype == torch.float16 else 1e30
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("blocks.0.mlp_block."):
+                p.mul_(scale)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return model.eval()
+
+
+NON_FINITE = "logits at the first step are not finite"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_non_finite_logits_at_the_first_step_raise(tok, dtype):
+    model = overflowing_model(dtype)
+    calls = [
+        lambda: generate(model, tok, "Hi", max_new_tokens=3),
+        lambda: generate(model, tok, ["Hi", "Call me"], max_new_tokens=3, temperature=0.8, seed=0),
+        lambda: list(stream(model, tok, "Hi", max_new_tokens=3)),
+        lambda: ChatSession(model, tok, max_new_tokens=3).send("Hi"),
+    ]
+    for call in calls:
+        with pytest.raises(CheckpointError, match=NON_FINITE) as e:
+            call()
+        assert str(dtype).removeprefix("torch.") in one_line(e.value)
+    # Nothing to sample, nothing checked: max_new_tokens=0 still returns.
+    assert generate(model, tok, "Hi", max_new_tokens=0)[0].text == ""
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cli_non_finite_logits_exit_2_with_one_line(capsys, tmp_path, dtype):
+    d = tmp_path / dtype
+    save_model(
+        overflowing_model(getattr(torch, dtype)),
+        d,
+        tokenizer_path=tokenizer_dir() / "tokenizer.model",
+    )
+    for argv in (["generate", "Hi"], ["generate", "Hi", "--chat", "--temperature", "0"]):
+        rc = main([*argv, "--model", str(d), "--dtype", dtype, "--max-new-tokens", "4"])
+        out, err = capsys.readouterr()
+        assert rc == 2, (out, err)
+        assert err.count("\n") == 1 and err.startswith("rgemma: error:") and NON_FINITE in err
+        assert "Traceback" not in err and out.strip() == ""
+
+
+def test_server_non_finite_logits_answer_500_with_the_message(tok):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from rgemma.serve.app import ServeConfig, create_app
+
+    # (The time limit turns a request that is never answered into a 504, not a hang.)
+    config = ServeConfig(max_batch_size=2, request_timeout_s=60)
+    app = create_app(overflowing_model(torch.float16), tok, config)
+    sched = app.state.server.scheduler
+
+    async def main_():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            a = await client.post(
+                "/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2}
+            )
+            msgs = [{"role": "user", "content": "Hi"}]
+            b = await client.post(
+                "/v1/chat/completions", json={"model": "m", "messages": msgs, "max_tokens": 2}
+            )
+            return a, b, await client.get("/health")
+
+    sched.start()
+    try:
+        responses = asyncio.run(main_())
+    finally:
+        sched.stop()
+    for r in responses[:2]:
+        assert r.status_code == 500, r.text
+        assert NON_FINITE in r.json()["error"]["message"]
+    assert responses[2].status_code == 200  # the server keeps serving
 
 
 def test_tokenizer_smaller_than_the_vocabulary_warns(capsys, tmp_path):

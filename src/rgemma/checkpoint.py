@@ -1119,7 +1119,8 @@ def _load_quantized(
     """A quantized rgemma checkpoint: the quantized module tree is built on the meta
     device (`rgemma.quantize` of a meta model) and the saved int8 weights and scales
     are assigned to it, with no re-quantization; the bfloat16 scale copies are
-    derived from the float32 ones."""
+    derived from the float32 ones. Every floating-point tensor (scales, unquantized
+    weights) is checked for NaN/inf as on the normal path (`_check_finite`)."""
     from .model import Griffin
     from .quantization import quantize
 
@@ -1140,7 +1141,10 @@ def _load_quantized(
                     f"{where}: tensor {key!r} has dtype {src.dtypes[key]}, expected "
                     f"{expected[key].dtype} in an {mode} checkpoint"
                 )
-            state[key] = src.get(key).to(device=device or "cpu", copy=True).contiguous()
+            t = src.get(key)
+            state[key] = t.to(device=device or "cpu", copy=True).contiguous()
+            if state[key].is_floating_point():  # scales and unquantized weights
+                _check_finite(where, key, state[key], t)
     for key in expected:
         if key.endswith(_DERIVED_SCALE_SUFFIXES):
             state[key] = state[key.removesuffix("_bf16")].to(torch.bfloat16)

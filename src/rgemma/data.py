@@ -23,10 +23,16 @@ Inputs:
       `{"prompt": str, "completion": str}` raw text `prompt + completion`, loss on
       the completion and EOS only;
       `{"messages": [{"role", "content"}, ...]}` a chat in Gemma's IT format
-      (`Tokenizer.apply_chat_template`, system folded into the first user turn),
+      (`Tokenizer.encode_chat`, system folded into the first user turn),
       loss on each model turn's content and its `<end_of_turn>` only.
 
-Every document is tokenized as `<bos> ... <eos>`. Documents are concatenated (in
+Every document is tokenized as `<bos> ... <eos>`. Training text is plain text
+(`Tokenizer.encode(text, special=False)`): `<bos>`, `<eos>`, `<start_of_turn>` or
+`<end_of_turn>` written in a document, a prompt, a completion or a message is
+encoded as characters, never as a control id, whichever path tokenizes it; only
+`<bos>`/`<eos>` around each document and the chat template's turn markers are
+control ids. (So a training record cannot teach the model that text inside a turn
+ends it, the same rule as `encode_chat` at inference.) Documents are concatenated (in
 an order shuffled per epoch) and cut into sequences of `seq_len` tokens; the last
 sequence is padded with `pad_id`. For each sequence:
 
@@ -353,78 +359,76 @@ class TokenizedDocument(NamedTuple):
     trainable: np.ndarray
 
 
-def _with_spans(
-    tokenizer: Tokenizer, text: str, spans: Sequence[tuple[int, int]], eos_trainable: bool
-) -> TokenizedDocument:
-    """Tokenize `<bos> text <eos>`, trainable where a token starts in a char span."""
+def _text_document(tokenizer: Tokenizer, text: str) -> TokenizedDocument:
+    """`<bos> text <eos>` with `text` plain, every token but `<bos>` trainable."""
+    tokens = np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True, special=False), np.int32)
+    trainable = np.ones(len(tokens), dtype=bool)
+    trainable[0] = False
+    return TokenizedDocument(tokens, trainable)
+
+
+def _plain_from(tokenizer: Tokenizer, text: str, first: int) -> tuple[list[int], np.ndarray]:
+    """Plain-text ids of `text` and, for each, whether it starts at or after
+    character `first` (the start of the part to learn)."""
     ids, starts = tokenizer.encode_with_offsets(text)
-    byte_at = {}  # char offset -> byte offset, for the span ends
-    for a, b in spans:
-        byte_at[a] = len(text[:a].encode("utf-8"))
-        byte_at[b] = len(text[:b].encode("utf-8"))
-    starts_arr = np.asarray(starts, dtype=np.int64)
-    trainable = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:
-        trainable |= (starts_arr >= byte_at[a]) & (starts_arr < byte_at[b])
-    tokens = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32)
-    return TokenizedDocument(tokens, np.concatenate([[False], trainable, [eos_trainable]]))
+    from_byte = len(text[:first].encode("utf-8"))
+    return ids, np.asarray(starts, dtype=np.int64) >= from_byte
 
 
 def tokenize_document(doc: Document, tokenizer: Tokenizer) -> TokenizedDocument:
     """Tokens and trainable flags of one document (see the module docstring).
 
-    A prompt/completion pair is tokenized as the single string `prompt +
-    completion`, and a chat as `tokenizer.encode_chat(messages,
-    add_generation_prompt=False)` followed by `<eos>`, so the ids are exactly
-    those seen at inference; a token is trainable when its first byte lies in the
-    completion (resp. a model turn's content or `<end_of_turn>`).
+    Text is `<bos>` + `encode(text, special=False)` + `<eos>`; a prompt/completion
+    pair is the single plain string `prompt + completion` between `<bos>` and
+    `<eos>`; a chat is `tokenizer.encode_chat(messages, add_generation_prompt=False)`
+    followed by `<eos>`, so the ids are exactly those a chat gets at inference.
+    Control text inside any of them is characters (module docstring). A token is
+    trainable when its first byte lies in the completion (resp. a model turn's
+    content), plus the completion's `<eos>` (resp. each model turn's
+    `<end_of_turn>`).
+
+    Returns:
+        `TokenizedDocument`: tokens (n,) int32 and trainable (n,) bool.
 
     Raises:
-        InputError: a bad chat (names the source), or a chat with a tokenizer
-            that lacks `<start_of_turn>`.
+        InputError: a bad chat (names the source), a chat with a tokenizer that
+            lacks `<start_of_turn>`/`<end_of_turn>`, or text that is not valid
+            Unicode.
     """
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
     if doc.kind == "text":
-        tokens = np.asarray(tokenizer.encode(doc.text, add_bos=True, add_eos=True), np.int32)
-        trainable = np.ones(len(tokens), dtype=bool)
-        trainable[0] = False
-        return TokenizedDocument(tokens, trainable)
+        return _text_document(tokenizer, doc.text)
     if doc.kind == "completion":
-        return _with_spans(
-            tokenizer,
-            doc.prompt + doc.completion,
-            [(len(doc.prompt), len(doc.prompt + doc.completion))],
-            True,
+        ids, learn = _plain_from(tokenizer, doc.prompt + doc.completion, len(doc.prompt))
+        tokens = np.asarray([bos, *ids, eos], dtype=np.int32)
+        return TokenizedDocument(tokens, np.concatenate([[False], learn, [True]]))
+    sot, eot = tokenizer.start_of_turn_id, tokenizer.end_of_turn_id
+    if sot is None or eot is None:
+        raise InputError(
+            f"{doc.source}: tokenizer {tokenizer.path} has no {START_OF_TURN}/{END_OF_TURN} "
+            "pieces, so it cannot encode a chat"
         )
-    if tokenizer.start_of_turn_id is None:
-        raise InputError(f"{doc.source}: tokenizer {tokenizer.path} has no {START_OF_TURN} piece")
     try:
         turns = chat_turns(doc.messages)
     except InputError as e:
         raise InputError(f"{doc.source}: {e}") from None
-    text, spans = "", []
+    # The ids of `encode_chat(messages, add_generation_prompt=False)`: per turn
+    # `<start_of_turn>`, plain "{role}\n{content}", `<end_of_turn>`, plain "\n".
+    newline = tokenizer.encode("\n", add_bos=False, special=False)
+    tokens, trainable = [bos], [False]
     for role, content in turns:
-        text += f"{START_OF_TURN}{role}\n"
-        body = content + END_OF_TURN
-        if role == "model":
-            spans.append((len(text), len(text) + len(body)))
-        text += body + "\n"
-    return _with_spans(tokenizer, text, spans, False)
+        ids, learn = _plain_from(tokenizer, f"{role}\n{content}", len(role) + 1)
+        model = role == "model"
+        tokens += [sot, *ids, eot, *newline]
+        trainable += [False, *(learn & model), model, *[False] * len(newline)]
+    tokens.append(eos)
+    trainable.append(False)
+    return TokenizedDocument(np.asarray(tokens, np.int32), np.asarray(trainable, bool))
 
 
 def tokenize_documents(docs: Sequence[Document], tokenizer: Tokenizer) -> list[TokenizedDocument]:
-    """`tokenize_document` for each document (text ones in one batched call)."""
-    out: list[TokenizedDocument | None] = [None] * len(docs)
-    text_idx = [i for i, d in enumerate(docs) if d.kind == "text"]
-    encoded = tokenizer.sp.encode([docs[i].text for i in text_idx], add_bos=True, add_eos=True)
-    for i, ids in zip(text_idx, encoded):
-        tokens = np.asarray(ids, dtype=np.int32)
-        trainable = np.ones(len(tokens), dtype=bool)
-        trainable[0] = False
-        out[i] = TokenizedDocument(tokens, trainable)
-    for i, d in enumerate(docs):
-        if out[i] is None:
-            out[i] = tokenize_document(d, tokenizer)
-    return out  # type: ignore[return-value]
+    """`tokenize_document` for each document, in order (the same ids and flags)."""
+    return [tokenize_document(d, tokenizer) for d in docs]
 
 
 # ------------------------------------------------------------------ packing

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .sampling import (
     SamplingParams,
     apply_logit_bias,
@@ -69,6 +69,7 @@ __all__ = [
     "TokenCounts",
     "TokenLogprob",
     "activation_dtype",
+    "check_finite_logits",
     "compile_decode",
     "decode_step",
     "model_device",
@@ -261,6 +262,24 @@ def prefill(
         if bar is not None:
             bar.close()
     return logits[:, -1], state
+
+
+def check_finite_logits(logits: Tensor, dtype: torch.dtype) -> None:
+    """Raise `CheckpointError` if `logits` hold a NaN or an infinity.
+
+    `dtype` is the model's (`activation_dtype`), named in the message.
+
+    Run once per generation, on the logits of the first sampled token (a host sync
+    beside the one that reads the sampled ids): a model whose weights are finite
+    but overflow in its dtype (float16, bfloat16) otherwise "generates" whatever
+    argmax of NaN gives, usually an immediate stop and an empty reply.
+    """
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(
+            "the model's logits at the first step are not finite (NaN/inf): the "
+            f"checkpoint's weights or dtype ({str(dtype).removeprefix('torch.')}) are "
+            "unusable; load it in float32 (--dtype float32) or check the weights"
+        )
 
 
 def prefill_memory_message(model: torch.nn.Module, batch: int, t: int, chunk_size: int) -> str:
@@ -678,11 +697,18 @@ class RowEngine:
         Returns:
             one `RowOutput` per row (rows with `max_new_tokens=0` stop without
             sampling).
+
+        Raises:
+            CheckpointError: the logits of a row about to sample are NaN or infinite
+                (finite weights that overflow in the model's dtype, e.g. float16);
+                checked once here, not at every decode step.
         """
         rows = list(rows)
         if not rows:
             return []
         shared = state.batch_size == 1
+        if any(row.params.max_new_tokens > 0 for row in rows):
+            check_finite_logits(logits, activation_dtype(self.model))
 
         def src(i: int) -> int:  # row i's row in `state`
             return 0 if shared else i

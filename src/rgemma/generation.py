@@ -193,10 +193,18 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------
+_BYTES_PROMPT = (
+    "{where} is bytes, not text or token ids: decode it first "
+    "(e.g. data.decode('utf-8', errors='replace'))"
+)
+
+
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
     """A list of prompts (str or list of ids) from what the caller gave."""
     if isinstance(prompts, str):
         return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):  # a sequence of ints, not token ids
+        raise InputError(_BYTES_PROMPT.format(where="prompts"))
     if isinstance(prompts, Tensor):
         if prompts.ndim == 1:
             return [prompts.tolist()]
@@ -219,6 +227,8 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
     for i, p in enumerate(prompts):
         if isinstance(p, Tensor):
             p = p.tolist()
+        if isinstance(p, (bytes, bytearray)):
+            raise InputError(_BYTES_PROMPT.format(where=f"prompts[{i}]"))
         if isinstance(p, str):
             out.append(p)
         elif isinstance(p, Sequence) and all(

@@ -40,6 +40,9 @@ from typing import Any
 from .errors import InputError
 
 try:  # the optional extra: without it, importing this module explains what to install
+    # lm-eval fills its registry with its own models only when the registry is empty
+    # at the first lookup: register them first, or adding `rgemma` would hide them.
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 except ImportError as _err:  # pragma: no cover - exercised only without the extra

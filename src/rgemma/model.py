@@ -10,7 +10,10 @@ d width, e LRU width, m MLP width, h heads, hd head dim, w window, v vocabulary.
 
 `segment_pos` (b, t) int: each token's position within its document; 0 starts a
 document (resets the RG-LRU, cuts the Conv1D window, starts a new attention
-segment); -1 marks left padding, which no real token ever sees.
+segment); -1 marks padding, before, after or between a row's real tokens. Padding
+is invisible: no real token sees it, the RG-LRU carries its state through it, the
+Conv1D reaches over it, it takes no attention slot, and a row's returned state is the
+state after its last real token (so rows can be padded on either side).
 
 The numeric kernels (RG-LRU scan, Conv1D, local attention, linear) come from
 `rgemma.ops`, each beside its reference and chosen per device.
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 
 from .config import BlockType, GriffinConfig
 from .errors import InputError
-from .ops import conv1d, decode_attention, linear, linear_scan, local_attention
+from .ops import conv1d, decode_attention, linear, linear_scan, local_attention, rglru_gates
 from .state import AttentionState, GriffinState, RecurrentState, _map, check_state, init_state
 
 LogitsMode = Literal["all", "last", "none"]
@@ -131,8 +134,10 @@ class Conv1D(nn.Module):
     `out[t] = b + sum_{j=0..k} w[k-j] * x[t-j]`, where the tap j is dropped when it
     would reach across a document start (segment_pos[t] < j). The state carries the
     last k inputs, so any split of a sequence into calls gives the same output.
-    Official: `layers.Conv1D` (weight `w` of shape (k+1, e)). Computed by
-    `ops.conv1d`.
+    Padding (segment_pos -1, given as `pad`) is skipped: a real input's taps reach the
+    real inputs before it, and the new state holds the last k real inputs.
+    Official: `layers.Conv1D` (weight `w` of shape (k+1, e)), which has no padding
+    except on the left of a document start. Computed by `ops.conv1d`.
     """
 
     def __init__(self, width: int, temporal_width: int, device=None, dtype=None):
@@ -141,9 +146,30 @@ class Conv1D(nn.Module):
         self.w = nn.Parameter(torch.empty(temporal_width, width, device=device, dtype=dtype))
         self.b = nn.Parameter(torch.zeros(width, device=device, dtype=dtype))
 
-    def forward(self, x: Tensor, segment_pos: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (b, t, e); segment_pos: (b, t); conv_state: (b, k, e) -> (out, new state)."""
-        return conv1d(x, segment_pos, conv_state, self.w, self.b)
+    def forward(
+        self, x: Tensor, segment_pos: Tensor, conv_state: Tensor, pad: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x: (b, t, e); segment_pos: (b, t); conv_state: (b, k, e); pad: None or (b, t)
+        bool, True at padding -> (out (b, t, e), new state (b, k, e)). The output at a
+        padding position is meaningless (no later layer reads it)."""
+        if pad is None:
+            return conv1d(x, segment_pos, conv_state, self.w, self.b)
+        b, t, e = x.shape
+        k = self.temporal_width - 1
+        # Move each row's padding in front of its state (the order of the real inputs
+        # kept), so every real input follows the real inputs before it; then the plain
+        # conv, and each output back to its place. Sort keys are unique: no ties.
+        real = torch.cat([pad.new_ones(b, k), ~pad], dim=1)  # (b, k + t); the state is real
+        index = torch.arange(k + t, device=x.device)
+        order = torch.argsort(real.long() * (k + t) + index, dim=1)  # (b, k + t): padding first
+        ctx = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (b, k + t, e)
+        ctx = ctx.gather(1, order[..., None].expand(b, k + t, e))
+        # The state's inputs land among the new ones as padding: outputs nobody reads.
+        pos = torch.cat([segment_pos.new_full((b, k), -1), segment_pos], dim=1).gather(1, order)
+        out, new_state = conv1d(ctx[:, k:], pos[:, k:], ctx[:, :k], self.w, self.b)
+        where = torch.empty_like(order).scatter_(1, order, index.expand(b, k + t))  # inverse
+        src = (where[:, k:] - k).clamp(min=0)  # (b, t): input i's output in `out`
+        return out.gather(1, src[..., None].expand(b, t, e)), new_state
 
 
 def init_rg_lru_a_param(param: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -168,7 +194,8 @@ class RGLRU(nn.Module):
         log_a = -8 * gate_a * softplus(a_param)
         h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (gate_x * x_t)
 
-    and at a document start (segment_pos == 0): a = 0, multiplier 1. Gates and
+    and at a document start (segment_pos == 0): a = 0, multiplier 1; at padding (`pad`)
+    a = 1 and input 0, so h passes through unchanged. Gates and
     recurrence run in float32 whatever the activation dtype; the recurrence is
     `ops.linear_scan`. `a_param` is initialised by `init_rg_lru_a_param`.
     """
@@ -179,21 +206,15 @@ class RGLRU(nn.Module):
         self.input_gate = BlockDiagonalLinear(width, num_heads, device=device, dtype=dtype)
         self.a_gate = BlockDiagonalLinear(width, num_heads, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, segment_pos: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (b, t, e); segment_pos: (b, t); h0: (b, e) float32 -> (y (b, t, e), h_last)."""
-        gate_x = torch.sigmoid(self.input_gate(x).float())
-        gate_a = torch.sigmoid(self.a_gate(x).float())
-        log_a = -8.0 * gate_a * F.softplus(self.a_param.float())
-        a = torch.exp(log_a)
-        one_minus_a2 = 1.0 - torch.exp(2.0 * log_a)
-        if torch.is_grad_enabled():
-            multiplier = _SqrtBoundDerivative.apply(one_minus_a2)
-        else:  # same forward value, without the autograd.Function overhead
-            multiplier = torch.sqrt(one_minus_a2)
-        reset = (segment_pos == 0).unsqueeze(-1)  # (b, t, 1)
-        a = a.masked_fill(reset, 0.0)
-        multiplier = multiplier.masked_fill(reset, 1.0)
-        normed_x = x.float() * gate_x * multiplier
+    def forward(
+        self, x: Tensor, segment_pos: Tensor, h0: Tensor, pad: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x: (b, t, e); segment_pos: (b, t); h0: (b, e) float32; pad: None or (b, t)
+        bool, True at padding -> (y (b, t, e), h_last (b, e) float32)."""
+        # The gates' element-wise math (sigmoids, decay, sqrt(1 - a^2) with its bounded
+        # derivative, document starts and padding): `ops.rglru_gates`, float32.
+        gate_x, gate_a = self.input_gate(x), self.a_gate(x)  # (b, t, e) pre-activations
+        a, normed_x = rglru_gates(x, gate_x, gate_a, self.a_param, segment_pos, pad)
         y, h_last = linear_scan(a, normed_x, h0)
         return y.to(x.dtype), h_last
 
@@ -214,13 +235,18 @@ class RecurrentBlock(nn.Module):
         self.rg_lru = RGLRU(e, config.num_heads, **kw)
 
     def forward(
-        self, x: Tensor, segment_pos: Tensor, state: RecurrentState, donate: bool = False
+        self,
+        x: Tensor,
+        segment_pos: Tensor,
+        state: RecurrentState,
+        donate: bool = False,
+        pad: Tensor | None = None,
     ) -> tuple[Tensor, RecurrentState]:
         """`donate` is accepted for a uniform block call; the (small) recurrent state is
-        always returned as new tensors."""
+        always returned as new tensors. `pad`: None (no padding) or (b, t) bool."""
         y = F.gelu(self.linear_y(x), approximate="tanh")  # (b, t, e)
-        x, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv)
-        x, h = self.rg_lru(x, segment_pos, state.rg_lru)
+        x, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv, pad)
+        x, h = self.rg_lru(x, segment_pos, state.rg_lru, pad)
         return self.linear_out(x * y), RecurrentState(rg_lru=h, conv=conv_state)
 
 
@@ -271,8 +297,16 @@ class LocalAttentionBlock(nn.Module):
         self.proj_final = Linear(d, d, bias=True, **kw)
 
     def forward(
-        self, x: Tensor, segment_pos: Tensor, state: AttentionState, donate: bool = False
+        self,
+        x: Tensor,
+        segment_pos: Tensor,
+        state: AttentionState,
+        donate: bool = False,
+        pad: Tensor | None = None,
     ) -> tuple[Tensor, AttentionState]:
+        """x (b, t, d), segment_pos (b, t) -> (out (b, t, d), new state). `pad` is
+        accepted for a uniform block call: padding is read from segment_pos < 0 (its
+        keys are never visible, and it writes no slot)."""
         b, t, _ = x.shape
         q = self.proj_q(x).view(b, t, self.num_heads, self.head_dim)  # (b, t, h, hd)
         q = apply_rope(q, segment_pos, self.rope_max_wavelength) * self.head_dim**-0.5
@@ -449,8 +483,11 @@ class ResidualBlock(nn.Module):
             return self.recurrent_block
         return self.attention_block
 
-    def forward(self, x: Tensor, segment_pos: Tensor, state, donate: bool = False):
-        y, state = self.temporal_block(self.temporal_pre_norm(x), segment_pos, state, donate)
+    def forward(
+        self, x: Tensor, segment_pos: Tensor, state, donate: bool = False, pad: Tensor | None = None
+    ):
+        """x (b, t, d) -> (out (b, t, d), new block state); `pad` as in `Griffin.forward`."""
+        y, state = self.temporal_block(self.temporal_pre_norm(x), segment_pos, state, donate, pad)
         x = x + y
         return x + self.mlp_block(self.channel_pre_norm(x)), state
 
@@ -466,6 +503,19 @@ def _dense(t: Tensor) -> Tensor:
     if tuple(reversed(expect)) == stride:
         return t
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _padding_to_skip(segment_pos: Tensor) -> Tensor | None:
+    """(b, t) bool, True at padding (segment_pos < 0), or None when no padding needs
+    skipping: none at all, or only left padding before a document start (segment_pos
+    0), which the document start already cuts off (the RG-LRU resets, the Conv1D taps
+    stop), the common batched-prompt case, left on the plain path. One host sync."""
+    pad = segment_pos < 0  # (b, t)
+    seen_real = torch.cumsum(~pad, dim=1) > 0  # (b, t): a real token at or before
+    first = (~pad).long().argmax(dim=1, keepdim=True)  # (b, 1): first real token
+    starts = segment_pos.gather(1, first)[:, 0] == 0  # (b,)
+    plain_row = ~pad.any(dim=1) | (~(pad & seen_real).any(dim=1) & seen_real[:, -1] & starts)
+    return None if bool(plain_row.all()) else pad
 
 
 class Griffin(nn.Module):
@@ -570,15 +620,8 @@ class Griffin(nn.Module):
                 raise InputError(f"segment_pos must be an integer tensor, got {segment_pos.dtype}")
             if bool((segment_pos < -1).any()):
                 raise InputError(
-                    f"segment_pos must be >= -1 (-1 marks left padding), "
-                    f"got {int(segment_pos.min())}"
+                    f"segment_pos must be >= -1 (-1 marks padding), got {int(segment_pos.min())}"
                 )
-            if segment_pos.shape[1] > 1:
-                pad_after_token = (segment_pos[:, 1:] < 0) & (segment_pos[:, :-1] >= 0)
-                if bool(pad_after_token.any()):
-                    raise InputError(
-                        "segment_pos -1 (padding) may only appear at the left of a row"
-                    )
 
     def forward(
         self,
@@ -595,11 +638,15 @@ class Griffin(nn.Module):
         Args:
             tokens: (b, t) int64 token ids.
             segment_pos: (b, t) int position of each token in its document; 0 starts a
-                document, -1 marks left padding. Default: continue from the state's
-                positions (from 0 without a state).
+                document, -1 marks padding, anywhere in a row (left, right or both):
+                the logits at the real tokens and the returned state are those of the
+                row without its padding, and the row's next position is its last real
+                token's + 1 (a row of padding only keeps its state). Default: continue
+                from the state's positions (from 0 without a state).
             state: a `GriffinState` from `init_state` or an earlier call; None starts
                 empty. It is not modified (unless `donate`).
-            logits: "all" -> (b, t, v); "last" -> (b, 1, v) for the last position only;
+            logits: "all" -> (b, t, v) (meaningless at padding); "last" -> (b, 1, v)
+                for the last time step only (a right-padded row's is padding's);
                 "none" -> None (prefill that only needs the state).
             validate: check token range, shapes and state (one host sync).
             donate: a decode step (t == 1) may write the attention windows of `state`
@@ -614,7 +661,7 @@ class Griffin(nn.Module):
 
         Raises:
             InputError: tokens out of vocabulary range, segment_pos of the wrong shape or
-            with padding after a token, a state from another config or batch size.
+            below -1, a state from another config or batch size.
         """
         if logits not in ("all", "last", "none"):
             raise InputError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
@@ -625,21 +672,32 @@ class Griffin(nn.Module):
             state = self.init_state(b)
         elif validate:
             check_state(state, self.config, b)
+        pad = None  # (b, t) bool where segment_pos < 0, or None when no row has padding
         if segment_pos is None:
             segment_pos = state.next_pos[:, None] + torch.arange(t, device=tokens.device)
-        segment_pos = segment_pos.to(device=tokens.device, dtype=torch.long)
+        else:
+            segment_pos = segment_pos.to(device=tokens.device, dtype=torch.long)
+            pad = _padding_to_skip(segment_pos)
 
         x = self.embedder.encode(tokens)  # (b, t, d)
         new_blocks = []
         for block, block_state in zip(self.blocks, state.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, block_state = torch.utils.checkpoint.checkpoint(
-                    block, x, segment_pos, block_state, use_reentrant=False
+                    block, x, segment_pos, block_state, False, pad, use_reentrant=False
                 )
             else:
-                x, block_state = block(x, segment_pos, block_state, donate)
+                x, block_state = block(x, segment_pos, block_state, donate, pad)
             new_blocks.append(block_state)
-        next_pos = segment_pos[:, -1] + 1 if t else state.next_pos
+        if t == 0:
+            next_pos = state.next_pos
+        elif pad is None:
+            next_pos = segment_pos[:, -1] + 1
+        else:  # after each row's last real token; a row of padding only keeps its own
+            index = torch.arange(t, device=tokens.device).expand(b, t)
+            last = index.masked_fill(pad, -1).amax(dim=1)  # (b,): -1 when no real token
+            last_pos = segment_pos.gather(1, last.clamp(min=0)[:, None])[:, 0]
+            next_pos = torch.where(last >= 0, last_pos + 1, state.next_pos)
         new_state = GriffinState(tuple(new_blocks), next_pos.clamp(min=0))
         # Contiguous: the state's layout must not depend on the call's length (slices of
         # a prefill's activations would carry its strides: a compiled decode step

@@ -106,13 +106,17 @@ class Score:
     def to_dict(self) -> dict[str, float | int]:
         """The fields and the derived figures, for JSON reports (`greedy` only when
         computed)."""
+
+        def finite(x: float) -> float | None:  # JSON has no NaN or inf: null instead
+            return x if math.isfinite(x) else None
+
         out = {
             "nll": self.nll,
             "tokens": self.tokens,
             "bytes": self.bytes,
-            "nll_per_token": self.nll_per_token,
-            "perplexity": self.perplexity,
-            "bits_per_byte": self.bits_per_byte,
+            "nll_per_token": finite(self.nll_per_token),
+            "perplexity": finite(self.perplexity),
+            "bits_per_byte": finite(self.bits_per_byte),
         }
         if self.greedy is not None:
             out["greedy"] = self.greedy
@@ -487,7 +491,8 @@ def score_texts(
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InputError(f"text {i} must be a str, got {type(t).__name__}")
-    docs = [tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts]
+    # Documents are plain text: `<bos>` written in them is characters, not the id.
+    docs = [tokenizer.encode(t, add_bos=True, add_eos=True, special=False) for t in texts]
     return score_documents(
         model,
         docs,

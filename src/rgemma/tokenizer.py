@@ -264,8 +264,9 @@ class Tokenizer:
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """Token ids of `text` (no BOS/EOS) and the UTF-8 byte offset where each starts.
 
-        SentencePiece's own segmentation: user-defined pieces (`<start_of_turn>`)
-        are matched, control text (`<bos>`) stays characters.
+        Plain text: the ids are `encode(text, add_bos=False, special=False)`, so
+        control text (`<bos>`, `<end_of_turn>`) stays characters (the training data's
+        rule, `rgemma.data`).
 
         Returns:
             (ids, starts): two lists of equal length; `starts[i]` is the byte offset
@@ -275,8 +276,19 @@ class Tokenizer:
             InputError: as `encode`.
         """
         check_text(text, "text")
-        proto = self.sp.encode(text, return_type="proto")
-        return [p.id for p in proto.pieces], [p.begin for p in proto.pieces]
+        native = self._control_re[1]
+        cuts = []  # the cuts of `_encode_plain`, just after the `<` of each spelling
+        while native is not None and (m := native.search(text, cuts[-1] if cuts else 0)):
+            cuts.append(m.start() + 1)
+        ids: list[int] = []
+        starts: list[int] = []
+        offset = 0  # bytes of text before the part
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            for p in self.sp.encode(text[a:b], return_type="proto").pieces:
+                ids.append(p.id)
+                starts.append(offset + p.begin)
+            offset += len(text[a:b].encode("utf-8"))
+        return ids, starts
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, exactly as SentencePiece decodes it.

@@ -100,6 +100,15 @@ def decode_attention_inputs(t, dtype, g):
     return [*cast, cache_pos, q_pos, w]
 
 
+def rglru_gates_inputs(t, dtype, g):
+    """x and the two gates' pre-activations (3, t, 8), a_param (8,), the positions of
+    `positions` (a document start mid-row 0, left padding in row 1) and their pad mask."""
+    x, gate_x, gate_a = (torch.randn(3, t, 8, generator=g).to(dtype) for _ in range(3))
+    a_param = torch.randn(8, generator=g).to(dtype)
+    pos = positions(t)
+    return [x, gate_x, gate_a, a_param, pos, pos < 0]
+
+
 #: op -> (inputs for (t, dtype, generator), positions of the inputs to differentiate)
 CASES = {
     "scan": (scan_inputs, (0, 1, 2)),
@@ -109,6 +118,7 @@ CASES = {
     "int8_matmul": (int8_matmul_inputs, ()),
     "int4_matmul": (int4_matmul_inputs, ()),
     "decode_attention": (decode_attention_inputs, (0, 1, 2, 3, 4)),
+    "rglru_gates": (rglru_gates_inputs, (0, 1, 2, 3)),
 }
 FAST = [(op, impl) for op, impls in IMPLEMENTATIONS.items() for impl in impls if impl != "ref"]
 

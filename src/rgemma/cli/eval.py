@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from ..errors import InputError
 
+    options.configure_inference(args)  # before torch is imported: OpenMP wait policy
     options.positive("--batch-size", args.batch_size)
     if args.what == "perplexity":
         if args.tasks is not None:
@@ -229,7 +230,9 @@ class _Scorer:
         return nll, tokens
 
     def text_file(self, path: Path):
-        """Score a plain-text file as one document `<bos> text <eos>`."""
+        """Score a plain-text file as one document `<bos> text <eos>` (the text is
+        plain characters: `<bos>` written in it is not the control id)."""
+        from ..errors import InputError
         from ..scoring import Score, score_stream
 
         nbytes = 0
@@ -243,8 +246,10 @@ class _Scorer:
                 if len(ids) > 1:
                     yield ids
                     ids = []
-                ids = ids + self.tok.encode(block, add_bos=False)
+                ids = ids + self.tok.encode(block, add_bos=False, special=False)
                 self.bar.update(n)
+            if nbytes == 0:
+                raise InputError(f"{path}: the file is empty: there is no text to score")
             yield [*ids, self.tok.eos_id]
 
         if self.context is None:

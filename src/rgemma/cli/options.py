@@ -37,6 +37,11 @@ class CommandParser(argparse.ArgumentParser):
 
     _intermixed = False
 
+    def error(self, message: str):
+        """A usage error as one line on stderr (`rgemma generate: error: ...`, with a
+        pointer to --help), exit code 2: not argparse's whole usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
     def parse_known_args(self, args=None, namespace=None):
         if self._intermixed:  # the inner passes of parse_known_intermixed_args
             return super().parse_known_args(args, namespace)

@@ -9,6 +9,7 @@
 | `int8_matmul` (weight-only) | `int8_matmul_ref` | `kernel` | `ops/linear.py` |
 | `int4_matmul` (weight-only) | `int4_matmul_ref` | `kernel` | `ops/quant.py` |
 | `decode_attention` (one step) | `decode_attention_ref` | `split` | `ops/attention.py` |
+| `rglru_gates` (RG-LRU gate math) | `rglru_gates_ref` | `fused` | `ops/rglru.py` |
 
 The model calls the dispatching functions below (`linear_scan`, `conv1d`,
 `local_attention`, `linear`, `int8_matmul`); each runs the implementation that
@@ -59,6 +60,7 @@ from .linear import (
     linear_tuned,
 )
 from .quant import int4_matmul_kernel, int4_matmul_ref
+from .rglru import rglru_gates_fused, rglru_gates_ref
 from .scan import linear_scan_chunked, linear_scan_ref
 
 ENV_VAR = "RGEMMA_OPS"
@@ -76,6 +78,7 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "int8_matmul": {"ref": int8_matmul_ref, "kernel": int8_matmul_kernel},
     "int4_matmul": {"ref": int4_matmul_ref, "kernel": int4_matmul_kernel},
     "decode_attention": {"ref": decode_attention_ref, "split": decode_attention_split},
+    "rglru_gates": {"ref": rglru_gates_ref, "fused": rglru_gates_fused},
 }
 
 #: What "auto" runs per device type; a type not listed takes "cuda"'s entry.
@@ -92,6 +95,7 @@ AUTO: dict[str, dict[str, str]] = {
         "int8_matmul": "kernel",
         "int4_matmul": "kernel",
         "decode_attention": "split",
+        "rglru_gates": "fused",
     },
     "cuda": {
         "scan": "chunked",
@@ -101,6 +105,8 @@ AUTO: dict[str, dict[str, str]] = {
         "int8_matmul": "ref",
         "int4_matmul": "ref",
         "decode_attention": "split",
+        # "fused" finds document starts with nonzero(): a host sync per layer on CUDA.
+        "rglru_gates": "ref",
     },
 }
 
@@ -369,6 +375,22 @@ def int4_matmul(
     return _impl("int4_matmul", x, impl)(x, w, scale_zero, group_size, packed)
 
 
+def rglru_gates(
+    x: Tensor,
+    gate_x: Tensor,
+    gate_a: Tensor,
+    a_param: Tensor,
+    segment_pos: Tensor,
+    pad: Tensor | None = None,
+    *,
+    impl: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The RG-LRU's gate math: x and the gates' pre-activations (b, t, e), a_param
+    (e,), segment_pos (b, t), pad None or (b, t) bool -> (a, normed_x), both (b, t, e)
+    float32, the scan's inputs. See `ops.rglru`."""
+    return _impl("rglru_gates", x, impl)(x, gate_x, gate_a, a_param, segment_pos, pad)
+
+
 __all__ = [
     "AUTO",
     "ENV_VAR",
@@ -383,5 +405,6 @@ __all__ = [
     "local_attention",
     "reset",
     "resolve",
+    "rglru_gates",
     "use",
 ]

@@ -6,6 +6,10 @@ Endpoints:
     POST /v1/chat/completions   messages in the Gemma chat template; stops at
                                 `<end_of_turn>`; `logprobs` / `top_logprobs`, `stream`
     GET  /v1/models             the one served model
+    POST /tokenize              vLLM's: {"prompt", "add_special_tokens"} -> {"tokens",
+                                "count", "max_model_len"} (rgemma's own tokenizer)
+    POST /detokenize            vLLM's: {"tokens"} -> {"prompt"}
+    GET  /tokenizer_info        vLLM's: the special tokens and the chat template
     GET  /health                200 {"status": "ok"} while the scheduler runs
     GET  /metrics               Prometheus text (see `metrics.Metrics`)
 
@@ -13,7 +17,12 @@ Both generation endpoints take `max_tokens`, `temperature`, `top_p`, `top_k`
 (extension), `min_p` (extension), `presence_penalty`, `frequency_penalty`,
 `repetition_penalty` (extension), `logit_bias`, `ignore_eos` and `min_tokens`
 (extensions), `seed`, `stop`, `n`, `stream`, `stream_options.include_usage`; every
-other field is refused, naming it (see `protocol`). A non-streamed response carries
+other field is refused, naming it (see `protocol`). Every prompt starts with BOS, as
+the model was trained: a text prompt is encoded with one, and a token-id prompt that
+does not start with BOS gets one in front, which `echo` and its logprobs leave out
+(they cover the ids as sent; the first one's logprob is then given BOS). So
+lm-eval's `local-completions` model, tokenizing through /tokenize, scores as rgemma's
+own lm-eval model does. A non-streamed response carries
 `usage`; a stream carries it only with `stream_options.include_usage`, as its own
 last chunk with empty `choices` (as OpenAI). Sampling defaults are the CLI's, from
 one place (`rgemma.sampling.default_sampling`: temperature 0.8, top_p 0.95, the
@@ -33,8 +42,8 @@ Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 
 bad JSON, wrong types, invalid values and unsupported fields (param names the field)
 and limits (prompt longer than `max_prompt_tokens`, `max_tokens` above the limit,
 more rows than the batch); 401 for a wrong or missing API key (`Authorization:
-Bearer KEY`, only on /v1/*); 413 for a body over the limit; 503 with `Retry-After`
-when the queue is full; 504 past the time limit.
+Bearer KEY`, only on /v1/* and the tokenizer endpoints); 413 for a body over the
+limit; 503 with `Retry-After` when the queue is full; 504 past the time limit.
 
 A client that disconnects (streaming or not) cancels its request: its rows leave
 the batch at the next step.
@@ -68,7 +77,9 @@ from .protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     FieldError,
+    TokenizeRequest,
     error_body,
     param_of,
 )
@@ -92,7 +103,8 @@ class ServeConfig:
         max_tokens: the largest `max_tokens` accepted (400 beyond).
         default_max_tokens: `max_tokens` of a request that gives none (both
             endpoints; at most `max_tokens`).
-        api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`.
+        api_key: when set, /v1/* and the tokenizer endpoints require
+            `Authorization: Bearer <api_key>`.
         max_body_bytes: largest request body (413 beyond, refused before reading it).
         request_timeout_s: a request still queued or running after this many seconds
             is stopped with 504 (None: no limit).
@@ -124,7 +136,15 @@ class ServeConfig:
 
 
 _DISCONNECTED = object()
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+_ENDPOINTS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    *_TOKENIZER_PATHS,
+)
 
 
 def _drop_event(event: Event) -> None:
@@ -341,8 +361,11 @@ class _Server:
             param = next((f for f in fields if msg.startswith(f + " ")), None)
             raise APIError(400, msg, param=param, code="invalid_value") from None
 
-    def completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-        """Token ids and echo texts of each prompt."""
+    def completion_prompts(
+        self, body: CompletionRequest
+    ) -> tuple[list[list[int]], list[str], list[int]]:
+        """Token ids, echo texts and echo starts of each prompt: a token-id prompt
+        without BOS gets one in front (echo starts after it, at 1)."""
         p = body.prompt
         if isinstance(p, str):
             raw: list[Any] = [p]
@@ -350,8 +373,9 @@ class _Server:
             raw = [p]
         else:
             raw = list(p)
-        ids_list, texts = [], []
+        ids_list, texts, starts = [], [], []
         for item in raw:
+            start = 0
             if isinstance(item, str):
                 self._check_text_length(item, "prompt")
                 try:  # e.g. a lone surrogate ("\ud800" in the JSON): 400, not 500
@@ -370,9 +394,40 @@ class _Server:
                     )
                 ids = list(item)
                 texts.append(self.tokenizer.decode(ids))
+                if ids[0] != self.tokenizer.bos_id:  # as a text prompt: BOS first
+                    ids.insert(0, self.tokenizer.bos_id)
+                    start = 1
             self._check_prompt(ids, "prompt")
             ids_list.append(ids)
-        return ids_list, texts
+            starts.append(start)
+        return ids_list, texts, starts
+
+    def tokenize(self, body: TokenizeRequest) -> list[int]:
+        """`/tokenize`: the ids of a raw prompt, as `/v1/completions` encodes one
+        (control text such as `<bos>` is its id), BOS first with
+        `add_special_tokens`."""
+        self._check_text_length(body.prompt, "prompt")
+        try:
+            return self.tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+        except InputError as err:
+            raise APIError(400, str(err), param="prompt", code="invalid_value") from None
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """`/tokenizer_info` (vLLM's): the tokenizer's special tokens and the Gemma
+        chat template (HF's jinja form), which lm-eval's remote tokenizer reads."""
+        from ..checkpoint import GEMMA_CHAT_TEMPLATE
+
+        tok = self.tokenizer
+        return {
+            "tokenizer_class": "GemmaTokenizer",
+            "bos_token": tok.id_to_piece(tok.bos_id),
+            "eos_token": tok.id_to_piece(tok.eos_id),
+            "pad_token": tok.id_to_piece(tok.pad_id),
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "model_max_length": self.config.max_prompt_tokens,
+            "chat_template": GEMMA_CHAT_TEMPLATE,
+        }
 
     def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[int]]:
         """Token ids of the chat and its prefix-cache hints (end of the system prompt,
@@ -572,7 +627,8 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
-        if scope.get("method") == "POST" and path.startswith("/v1/"):
+        guarded = path.startswith("/v1/") or path in _TOKENIZER_PATHS
+        if scope.get("method") == "POST" and guarded:
             scope = _as_json(scope)
         key = self.server.config.api_key
         limit = self.server.config.max_body_bytes
@@ -596,7 +652,7 @@ class _Guard:
                         raise StarletteHTTPException(413, too_large.message)
                 return message
 
-            if key and path.startswith("/v1/"):
+            if key and guarded:
                 headers = dict(scope.get("headers") or {})
                 auth = headers.get(b"authorization", b"").decode("latin-1")
                 if not auth:
@@ -745,6 +801,35 @@ def create_app(
             ],
         }
 
+    # -- tokenizer (vLLM's endpoints) -------------------------------------------------
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        ids = await asyncio.to_thread(server.tokenize, body)
+        out: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": config.max_prompt_tokens,
+            "tokens": ids,
+        }
+        if body.return_token_strs:
+            out["token_strs"] = [server.tokenizer.id_to_piece(i) for i in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        bad = [x for x in body.tokens if not 0 <= x < server.vocab]
+        if bad:
+            raise APIError(
+                400,
+                f"token id {bad[0]} is outside the vocabulary [0, {server.vocab})",
+                param="tokens",
+                code="invalid_value",
+            )
+        return {"prompt": await asyncio.to_thread(server.tokenizer.decode, body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return server.tokenizer_info()
+
     # -- completions -------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -755,7 +840,7 @@ def create_app(
             prompt_logprobs=body.echo and body.logprobs is not None,
         )
         # Tokenizing is CPU work (SentencePiece releases the GIL): off the event loop.
-        prompts, texts = await asyncio.to_thread(server.completion_prompts, body)
+        prompts, texts, starts = await asyncio.to_thread(server.completion_prompts, body)
         bridge = _Bridge(server.scheduler, request)
         req = server.submit(bridge, prompts, params, body.n)
         n = body.n
@@ -783,8 +868,8 @@ def create_app(
             }
 
         def prompt_lp(event: Event) -> list[Any]:
-            ids = prompts[event.index]
-            return [(t, lp) for t, lp in zip(ids, event.prompt_logprobs)]
+            ids, start = prompts[event.index], starts[event.index]
+            return [(t, lp) for t, lp in zip(ids, event.prompt_logprobs)][start:]
 
         if body.stream:
 

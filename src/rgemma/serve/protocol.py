@@ -17,7 +17,8 @@ ignored:
   need what this server does not do (tools, JSON mode, `store: true`, a suffix).
 
 Reference: the OpenAI API reference for `POST /v1/completions` (legacy) and
-`POST /v1/chat/completions`.
+`POST /v1/chat/completions`; vLLM's `POST /tokenize` and `POST /detokenize` for the
+tokenizer endpoints (`TokenizeRequest`, `DetokenizeRequest`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "DetokenizeRequest",
+    "TokenizeRequest",
     "error_body",
     "param_of",
 ]
@@ -227,3 +230,21 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs and not self.logprobs:
             raise _field_error("top_logprobs", "top_logprobs needs logprobs: true")
         return self
+
+
+class TokenizeRequest(_Strict):
+    """`POST /tokenize` (vLLM's fields): the ids of `prompt`, a raw prompt as
+    `/v1/completions` reads it (control text such as `<bos>` becomes its id);
+    `add_special_tokens` puts BOS first (vLLM's default, true)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """`POST /detokenize` (vLLM's fields): the text of `tokens`."""
+
+    model: str | None = None
+    tokens: list[int]

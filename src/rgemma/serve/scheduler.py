@@ -517,7 +517,8 @@ class Scheduler:
                     self._start_rows(job)
             except Exception as err:
                 log.exception("prefill failed")
-                self._prefills.popleft()
+                if self._prefills and self._prefills[0] is job:  # not taken off yet
+                    self._prefills.popleft()
                 self._fail(job.req, f"prefill failed: {err}")
 
     def _prefill_chunk(self, job: _Prefill) -> int:
