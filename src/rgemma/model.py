@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .config import BlockType, GriffinConfig
 from .errors import InputError
 from .ops import conv1d, decode_attention, linear, linear_scan, local_attention, rglru_gates
+from .ops.rglru import SqrtBoundDerivative
 from .state import AttentionState, GriffinState, RecurrentState, _map, check_state, init_state
 
 LogitsMode = Literal["all", "last", "none"]
@@ -107,22 +108,9 @@ class BlockDiagonalLinear(nn.Module):
         return y.transpose(0, 1).reshape(*lead, e)
 
 
-class _SqrtBoundDerivative(torch.autograd.Function):
-    """sqrt(x) whose derivative is clipped at 1000 (Griffin section 2.4: keeps the
-    gradient of sqrt(1 - a^2) bounded as a -> 1). Official: `SqrtBoundDerivative`."""
-
-    MAX_GRAD = 1000.0
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return torch.sqrt(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        # d sqrt(x) / dx = 1 / sqrt(4x); clipping 4x below at 1/1000^2 caps it at 1000.
-        return grad / torch.sqrt(torch.clamp(4.0 * x, min=_SqrtBoundDerivative.MAX_GRAD**-2))
+# sqrt with its derivative clipped at 1000 (Griffin section 2.4), used by the RG-LRU
+# gates; it lives beside them in `ops.rglru`.
+_SqrtBoundDerivative = SqrtBoundDerivative
 
 
 # ----------------------------------------------------------------------------------
