@@ -69,6 +69,25 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def throughput(tokens: float, times: Sequence[float], cpu: Sequence[float]) -> dict[str, Any]:
+    """A benchmark point's record from its runs: `tokens` processed per run, the wall
+    `times` and process CPU `cpu` seconds of each run.
+
+    Returns `seconds` and `cpu_seconds` (`summarize`), tokens/s at the median run
+    (`tokens_per_s`) and at the slowest / fastest runs (`tokens_per_s_min` /
+    `_max`), and tokens per CPU-second at the median (`tokens_per_cpu_s`).
+    """
+    s, c = summarize(times), summarize(cpu)
+    return {
+        "seconds": s,
+        "tokens_per_s": tokens / s["median"],
+        "tokens_per_s_min": tokens / s["max"],
+        "tokens_per_s_max": tokens / s["min"],
+        "cpu_seconds": c,
+        "tokens_per_cpu_s": tokens / c["median"],
+    }
+
+
 def _meminfo() -> dict[str, int]:
     out: dict[str, int] = {}
     try:

@@ -38,7 +38,7 @@ from benchmarks.machine import (
     MemoryEstimate,
     available_memory,
     estimate_memory,
-    summarize,
+    throughput,
 )
 from rgemma.data import read_documents, split_documents
 from rgemma.engine import compile_decode
@@ -261,14 +261,8 @@ class _Worker:
                 break
         if not warm:
             self.history.setdefault(key, []).append((length, statistics.median(times)))
-        s = summarize(times)
         return {
-            "seconds": s,
-            "tokens_per_s": batch * length / s["median"],
-            "tokens_per_s_min": batch * length / s["max"],
-            "tokens_per_s_max": batch * length / s["min"],
-            "cpu_seconds": summarize(cpu),
-            "tokens_per_cpu_s": batch * length / statistics.median(cpu),
+            **throughput(batch * length, times, cpu),
             "full_warmup": warm,
         }
 
@@ -295,14 +289,8 @@ class _Worker:
                 cpu.append(dc)
             if len(times) >= 2 and sum(times) >= self.target:
                 break
-        s = summarize(times)
         return {
-            "seconds": s,
-            "tokens_per_s": batch / s["median"],
-            "tokens_per_s_min": batch / s["max"],
-            "tokens_per_s_max": batch / s["min"],
-            "cpu_seconds": summarize(cpu),
-            "tokens_per_cpu_s": batch / statistics.median(cpu),
+            **throughput(batch, times, cpu),
             "state_bytes": ad.state_bytes(),
             "fill": fill,
             "fill_s": fill_s,
