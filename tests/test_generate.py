@@ -507,6 +507,8 @@ def test_sampling_params_checks_and_merges():
     for kwargs, name in [
         ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": -1}, "seed"),  # the CLI's --seed range, [0, 2**63)
+        ({"seed": 2**63}, "seed"),
         ({"stop": 3}, "stop"),
         ({"logprobs": -2}, "logprobs"),
         ({"temperature": float("nan")}, "temperature"),

@@ -159,9 +159,11 @@ class SamplingParams:
             raise InputError(f"max_new_tokens must be an int >= 0, got {n!r}")
         validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
-        ):
-            raise InputError(f"seed must be an int or None, got {self.seed!r}")
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed < 2**63
+        ):  # the range torch.Generator.manual_seed keeps as given (the CLI's --seed range)
+            raise InputError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
         stop = self.stop
         if stop is None:
             stop = ()
