@@ -29,7 +29,7 @@ from rgemma.training import (
 
 # The training module (`rgemma.train` is its `train` function).
 train_mod = importlib.import_module("rgemma.training")
-TOKENIZER = Path(train_mod.__file__).parent / "assets" / "bundled" / "tokenizer.model"
+TOKENIZER = Path(train_mod.__file__).parent.parent / "assets" / "bundled" / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="bundled tokenizer missing")
 
 TINY_MODEL = {"preset": "test-tiny", "vocab_size": 4096}
@@ -177,7 +177,9 @@ def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch):
         real_save(*args, **kwargs)
         raise _Crash
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(
+        importlib.import_module("rgemma.training.loop"), "save_checkpoint", save_then_die
+    )
     with pytest.raises(_Crash):
         train(_cfg(tmp_path, corpus, "split"))
     monkeypatch.undo()
@@ -285,7 +287,7 @@ def test_nan_loss_stops_without_checkpoint(tmp_path, corpus, monkeypatch):
         total, count = real(logits, targets, mask)
         return total * float("nan"), count
 
-    monkeypatch.setattr(train_mod, "masked_loss", nan_loss)
+    monkeypatch.setattr(importlib.import_module("rgemma.training.loop"), "masked_loss", nan_loss)
     with pytest.raises(train_mod.TrainingDiverged, match="not finite at step 1"):
         train(_cfg(tmp_path, corpus, max_steps=3))
     assert find_checkpoints(tmp_path / "run") == []
@@ -392,7 +394,7 @@ def test_prompt_completion_loss_mask(tmp_path):
         save_final=False,
     )
     tok = Tokenizer(TOKENIZER)
-    train_set, val_set = train_mod._build_data(cfg, tok)
+    train_set, val_set = importlib.import_module("rgemma.training.loop")._build_data(cfg, tok)
     assert val_set is None
     batch = train_set.batch(0)
     for row in range(batch.tokens.shape[0]):
