@@ -611,6 +611,76 @@ class Griffin(nn.Module):
                     f"segment_pos must be >= -1 (-1 marks padding), got {int(segment_pos.min())}"
                 )
 
+    def _trunk(
+        self,
+        tokens: Tensor,
+        segment_pos: Tensor | None,
+        state: GriffinState | None,
+        *,
+        validate: bool,
+        donate: bool,
+    ) -> tuple[Tensor, GriffinState]:
+        """Embedding and residual blocks: (x (b, t, d) before `final_norm`, new state)."""
+        if validate:
+            self._check_inputs(tokens, segment_pos)
+        b, t = tokens.shape
+        if state is None:
+            state = self.init_state(b)
+        elif validate:
+            check_state(state, self.config, b)
+        pad = None  # (b, t) bool where segment_pos < 0, or None when no row has padding
+        if segment_pos is None:
+            segment_pos = state.next_pos[:, None] + torch.arange(t, device=tokens.device)
+        else:
+            segment_pos = segment_pos.to(device=tokens.device, dtype=torch.long)
+            pad = _padding_to_skip(segment_pos)
+
+        x = self.embedder.encode(tokens)  # (b, t, d)
+        new_blocks = []
+        for block, block_state in zip(self.blocks, state.blocks):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, block_state = torch.utils.checkpoint.checkpoint(
+                    block, x, segment_pos, block_state, False, pad, use_reentrant=False
+                )
+            else:
+                x, block_state = block(x, segment_pos, block_state, donate, pad)
+            new_blocks.append(block_state)
+        if t == 0:
+            next_pos = state.next_pos
+        elif pad is None:
+            next_pos = segment_pos[:, -1] + 1
+        else:  # after each row's last real token; a row of padding only keeps its own
+            index = torch.arange(t, device=tokens.device).expand(b, t)
+            last = index.masked_fill(pad, -1).amax(dim=1)  # (b,): -1 when no real token
+            last_pos = segment_pos.gather(1, last.clamp(min=0)[:, None])[:, 0]
+            next_pos = torch.where(last >= 0, last_pos + 1, state.next_pos)
+        new_state = GriffinState(tuple(new_blocks), next_pos.clamp(min=0))
+        # Contiguous: the state's layout must not depend on the call's length (slices of
+        # a prefill's activations would carry its strides: a compiled decode step
+        # would recompile for every prompt length). The state is small: a cheap copy.
+        new_state = _map(new_state, _dense)
+
+        return x, new_state
+
+    def hidden(
+        self,
+        tokens: Tensor,
+        segment_pos: Tensor | None = None,
+        state: GriffinState | None = None,
+        *,
+        validate: bool = True,
+        donate: bool = False,
+    ) -> tuple[Tensor, GriffinState]:
+        """The final-norm hidden states: `forward` without the output head.
+
+        Arguments as in `forward`. Returns (h (b, t, d) in the activation dtype, after
+        `final_norm`, new state). Logits are `embedder.decode(h)` soft-capped; the
+        training loss computes them chunk by chunk from `h` (`ops.linear_cross_entropy`)
+        instead of materialising (b, t, vocab_size) float32 logits.
+        """
+        x, new_state = self._trunk(tokens, segment_pos, state, validate=validate, donate=donate)
+        return self.final_norm(x), new_state
+
     def forward(
         self,
         tokens: Tensor,
@@ -653,45 +723,7 @@ class Griffin(nn.Module):
         """
         if logits not in ("all", "last", "none"):
             raise InputError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
-        if validate:
-            self._check_inputs(tokens, segment_pos)
-        b, t = tokens.shape
-        if state is None:
-            state = self.init_state(b)
-        elif validate:
-            check_state(state, self.config, b)
-        pad = None  # (b, t) bool where segment_pos < 0, or None when no row has padding
-        if segment_pos is None:
-            segment_pos = state.next_pos[:, None] + torch.arange(t, device=tokens.device)
-        else:
-            segment_pos = segment_pos.to(device=tokens.device, dtype=torch.long)
-            pad = _padding_to_skip(segment_pos)
-
-        x = self.embedder.encode(tokens)  # (b, t, d)
-        new_blocks = []
-        for block, block_state in zip(self.blocks, state.blocks):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, block_state = torch.utils.checkpoint.checkpoint(
-                    block, x, segment_pos, block_state, False, pad, use_reentrant=False
-                )
-            else:
-                x, block_state = block(x, segment_pos, block_state, donate, pad)
-            new_blocks.append(block_state)
-        if t == 0:
-            next_pos = state.next_pos
-        elif pad is None:
-            next_pos = segment_pos[:, -1] + 1
-        else:  # after each row's last real token; a row of padding only keeps its own
-            index = torch.arange(t, device=tokens.device).expand(b, t)
-            last = index.masked_fill(pad, -1).amax(dim=1)  # (b,): -1 when no real token
-            last_pos = segment_pos.gather(1, last.clamp(min=0)[:, None])[:, 0]
-            next_pos = torch.where(last >= 0, last_pos + 1, state.next_pos)
-        new_state = GriffinState(tuple(new_blocks), next_pos.clamp(min=0))
-        # Contiguous: the state's layout must not depend on the call's length (slices of
-        # a prefill's activations would carry its strides: a compiled decode step
-        # would recompile for every prompt length). The state is small: a cheap copy.
-        new_state = _map(new_state, _dense)
-
+        x, new_state = self._trunk(tokens, segment_pos, state, validate=validate, donate=donate)
         if logits == "none":
             return None, new_state
         if logits == "last":
