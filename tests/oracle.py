@@ -18,12 +18,19 @@ def random_model(cfg: GriffinConfig, seed: int = 0, std: float = 0.3) -> Griffin
     parameter matters) is N(0, std), and the RG-LRU `a_param` U(-2, 3)."""
     torch.manual_seed(seed)
     model = Griffin(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("a_param"):
-                p.uniform_(-2.0, 3.0)
-            else:
-                p.normal_(0.0, std)
+    # Drawn per official state_dict key (not per internal parameter), so the model of a
+    # seed does not depend on how model.py lays its parameters out; `ffw_up.w` in the
+    # (2, m, d) order it has always been drawn in.
+    weights = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("a_param"):
+            weights[name] = torch.empty_like(t).uniform_(-2.0, 3.0)
+        elif name.endswith("ffw_up.w"):
+            two, d, m = t.shape
+            weights[name] = torch.empty(two, m, d, dtype=t.dtype).normal_(0.0, std).transpose(1, 2)
+        else:
+            weights[name] = torch.empty_like(t).normal_(0.0, std)
+    model.load_state_dict(weights)
     return model.eval()
 
 

@@ -212,14 +212,7 @@ def test_gradients_flow_to_every_parameter():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-    # Activation checkpointing gives the same gradients.
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.gradient_checkpointing = True
-    logits, _ = model(tokens, pos)
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6)
+    # Activation checkpointing (applied from outside): tests/test_train_distributed.py.
 
 
 def test_sqrt_bound_derivative_caps_gradient():
@@ -350,35 +343,70 @@ def test_save_state_to_a_directory_is_refused(tmp_path):
 
 
 def test_mlp_up_projection_keeps_official_layout_outside():
-    """`ffw_up.w` is (2, m, d) inside (nn.Linear's layout) but (2, d, m) in and out of
-    state_dict, with the same values; the official module computes the same MLP."""
+    """`ffw_up` is two `Linear`s inside (`gate_proj` = official half 0, `up_proj` =
+    half 1, (m, d) weights: what PEFT reaches) but the official `ffw_up.w` (2, d, m) and
+    `ffw_up.b` (2, 1, 1, m) in and out of state_dict, with the same values; the
+    official formula computes the same MLP."""
     cfg = GriffinConfig.preset("test-tiny")
     model = Griffin(cfg).float()
     model.reset_parameters(seed=3)
+    with torch.no_grad():
+        for p in model.parameters():  # nonzero biases too
+            p.add_(torch.randn_like(p) * 0.1)
     d, m = cfg.width, cfg.mlp_expanded_width
     mlp = model.blocks[0].mlp_block
-    assert tuple(mlp.ffw_up.w.shape) == (2, m, d) and mlp.ffw_up.w.is_contiguous()
+    gate, up = mlp.ffw_up.gate_proj, mlp.ffw_up.up_proj
+    assert isinstance(gate, torch.nn.Linear) and isinstance(up, torch.nn.Linear)
+    assert tuple(gate.weight.shape) == (m, d) and tuple(up.bias.shape) == (m,)
+    names = [n for n, _ in model.named_parameters() if n.startswith("blocks.0.mlp_block.")]
+    assert names == [
+        "blocks.0.mlp_block.ffw_up.gate_proj.weight",
+        "blocks.0.mlp_block.ffw_up.gate_proj.bias",
+        "blocks.0.mlp_block.ffw_up.up_proj.weight",
+        "blocks.0.mlp_block.ffw_up.up_proj.bias",
+        "blocks.0.mlp_block.ffw_down.weight",
+        "blocks.0.mlp_block.ffw_down.bias",
+    ]
     sd = model.state_dict()
-    assert tuple(sd["blocks.0.mlp_block.ffw_up.w"].shape) == (2, d, m)
-    torch.testing.assert_close(sd["blocks.0.mlp_block.ffw_up.w"][1, 2], mlp.ffw_up.w[1, :, 2])
+    mlp_keys = [k for k in sd if k.startswith("blocks.0.mlp_block.")]
+    assert mlp_keys == [
+        "blocks.0.mlp_block.ffw_up.w",
+        "blocks.0.mlp_block.ffw_up.b",
+        "blocks.0.mlp_block.ffw_down.weight",
+        "blocks.0.mlp_block.ffw_down.bias",
+    ]
+    w, b = sd["blocks.0.mlp_block.ffw_up.w"], sd["blocks.0.mlp_block.ffw_up.b"]
+    assert tuple(w.shape) == (2, d, m) and w.is_contiguous() and tuple(b.shape) == (2, 1, 1, m)
+    assert torch.equal(w[0], gate.weight.T) and torch.equal(w[1], up.weight.T)
+    assert torch.equal(b[0, 0, 0], gate.bias) and torch.equal(b[1, 0, 0], up.bias)
+    assert torch.equal(mlp.ffw_up.w, w) and torch.equal(mlp.ffw_up.b, b)
+    # A meta model's state_dict has the official shapes too (checkpoint validation).
+    meta_sd = Griffin(cfg, device="meta").state_dict()
+    assert {k: v.shape for k, v in meta_sd.items()} == {k: v.shape for k, v in sd.items()}
     # Round trip into a model built on the meta device (assign=True, as load_model does).
     other = Griffin(cfg, device="meta")
     other.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
-    w = other.blocks[0].mlp_block.ffw_up.w
-    assert w.is_contiguous() and torch.equal(w, mlp.ffw_up.w)
+    other_up = other.blocks[0].mlp_block.ffw_up
+    for half in ("gate_proj", "up_proj"):
+        mine, theirs = getattr(mlp.ffw_up, half), getattr(other_up, half)
+        assert theirs.weight.is_contiguous() and torch.equal(theirs.weight, mine.weight)
+        assert torch.equal(theirs.bias, mine.bias)
+    # The internal names (named_parameters) load as well.
+    again = Griffin(cfg)
+    again.load_state_dict(dict(model.named_parameters()), strict=True)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in sd.items())
     # The MLP equals the official formula on the official layout.
     x = torch.randn(2, 3, d)
-    up, b = sd["blocks.0.mlp_block.ffw_up.w"], mlp.ffw_up.b
     with torch.no_grad():
         ref = mlp.ffw_down(
-            torch.nn.functional.gelu(x @ up[0] + b[0, 0, 0], approximate="tanh")
-            * (x @ up[1] + b[1, 0, 0])
+            torch.nn.functional.gelu(x @ w[0] + b[0, 0, 0], approximate="tanh")
+            * (x @ w[1] + b[1, 0, 0])
         )
         torch.testing.assert_close(mlp(x), ref)
-    # A checkpoint with a wrong shape is reported by load_state_dict, not transposed.
+    # A checkpoint with a wrong shape is reported under its official key.
     bad = dict(sd)
     bad["blocks.0.mlp_block.ffw_up.w"] = torch.zeros(2, d + 1, m)
-    with pytest.raises(RuntimeError, match="ffw_up.w"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for blocks.0.mlp_block.ffw_up.w"):
         Griffin(cfg).load_state_dict(bad)
 
 

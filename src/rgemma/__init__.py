@@ -4,6 +4,7 @@ Public API (imported lazily, so `import rgemma` is cheap):
 
     GriffinConfig, Griffin, GriffinState        the model and its fixed-size state
     load_model, save_model, save_hf             checkpoints (official .pt, HF, rgemma, Flax)
+    bundled_model_path                          the shipped models' directories (base, chat)
     Tokenizer, load                             tokenizer; (model, tokenizer) in one call
     SamplingParams                              how to sample and stop, made once
     generate, stream, ChatSession               batched generation, streaming, chat
@@ -28,6 +29,7 @@ _EXPORTS = {
     "save_state": "state",
     "load_state": "state",
     "load_model": "checkpoint",
+    "bundled_model_path": "checkpoint",
     "save_model": "checkpoint",
     "save_hf": "checkpoint",
     "Tokenizer": "tokenizer",
@@ -66,6 +68,7 @@ __all__ = [
     "SamplingParams",
     "Tokenizer",
     "TrainConfig",
+    "bundled_model_path",
     "compile_decode",
     "generate",
     "load",

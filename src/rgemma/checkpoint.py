@@ -59,6 +59,28 @@ from torch import Tensor
 
 from .config import BlockType, GriffinConfig
 from .errors import CheckpointError, ConfigError
+from .formats import (
+    EMBED_HF as _EMBED_HF,
+)
+from .formats import (
+    EMBED_OFFICIAL as _EMBED_OFFICIAL,
+)
+from .formats import (
+    GLOBAL_KEY_MAP,
+    HF_BIN_NAME,
+    HF_CONFIG_NAME,
+    HF_INDEX_NAME,
+    LAYER_KEY_MAP,
+    LAYER_SPLIT_MAP,
+    RGEMMA_CONFIG_NAME,
+    RGEMMA_FORMAT_VERSION,
+    TOKENIZER_NAME,
+    TORCH_SUFFIXES,
+    WEIGHTS_NAME,
+)
+from .formats import (
+    LM_HEAD_HF as _LM_HEAD_HF,
+)
 from .io import atomic_dir
 
 __all__ = [
@@ -75,61 +97,6 @@ __all__ = [
     "save_hf",
     "save_model",
 ]
-
-RGEMMA_CONFIG_NAME = "rgemma_config.json"
-WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_NAME = "tokenizer.model"
-HF_CONFIG_NAME = "config.json"
-HF_INDEX_NAME = "model.safetensors.index.json"
-HF_BIN_NAME = "pytorch_model.bin"
-TORCH_SUFFIXES = (".pt", ".ckpt", ".pth")
-RGEMMA_FORMAT_VERSION = 1
-
-# ----------------------------------------------------------------------------------
-# Key maps (data)
-# ----------------------------------------------------------------------------------
-_EMBED_OFFICIAL = "embedder.input_embedding"
-_EMBED_HF = "model.embed_tokens.weight"
-_LM_HEAD_HF = "lm_head.weight"
-
-#: Official top-level keys -> HF keys (identity on the tensor).
-GLOBAL_KEY_MAP: dict[str, str] = {
-    _EMBED_OFFICIAL: _EMBED_HF,
-    "final_norm.scale": "model.final_norm.weight",
-}
-
-#: Official per-block suffix (after `blocks.{i}.`) -> HF suffix (after
-#: `model.layers.{i}.`), one tensor each. Only `conv_1d.w` changes its layout.
-LAYER_KEY_MAP: dict[str, str] = {
-    "temporal_pre_norm.scale": "temporal_pre_norm.weight",
-    "channel_pre_norm.scale": "channel_pre_norm.weight",
-    "recurrent_block.linear_x.weight": "temporal_block.linear_x.weight",
-    "recurrent_block.linear_x.bias": "temporal_block.linear_x.bias",
-    "recurrent_block.linear_y.weight": "temporal_block.linear_y.weight",
-    "recurrent_block.linear_y.bias": "temporal_block.linear_y.bias",
-    "recurrent_block.linear_out.weight": "temporal_block.linear_out.weight",
-    "recurrent_block.linear_out.bias": "temporal_block.linear_out.bias",
-    "recurrent_block.conv_1d.w": "temporal_block.conv_1d.weight",
-    "recurrent_block.conv_1d.b": "temporal_block.conv_1d.bias",
-    "recurrent_block.rg_lru.a_param": "temporal_block.rg_lru.recurrent_param",
-    "recurrent_block.rg_lru.input_gate.w": "temporal_block.rg_lru.input_gate_weight",
-    "recurrent_block.rg_lru.input_gate.b": "temporal_block.rg_lru.input_gate_bias",
-    "recurrent_block.rg_lru.a_gate.w": "temporal_block.rg_lru.recurrent_gate_weight",
-    "recurrent_block.rg_lru.a_gate.b": "temporal_block.rg_lru.recurrent_gate_bias",
-    "attention_block.proj_q.weight": "temporal_block.q_proj.weight",
-    "attention_block.proj_k.weight": "temporal_block.k_proj.weight",
-    "attention_block.proj_v.weight": "temporal_block.v_proj.weight",
-    "attention_block.proj_final.weight": "temporal_block.o_proj.weight",
-    "attention_block.proj_final.bias": "temporal_block.o_proj.bias",
-    "mlp_block.ffw_down.weight": "mlp_block.down_proj.weight",
-    "mlp_block.ffw_down.bias": "mlp_block.down_proj.bias",
-}
-
-#: Official per-block suffix -> the two HF suffixes it is split into (index 0, 1).
-LAYER_SPLIT_MAP: dict[str, tuple[str, str]] = {
-    "mlp_block.ffw_up.w": ("mlp_block.gate_proj.weight", "mlp_block.up_proj.weight"),
-    "mlp_block.ffw_up.b": ("mlp_block.gate_proj.bias", "mlp_block.up_proj.bias"),
-}
 
 _CONV_SUFFIX = "recurrent_block.conv_1d.w"
 _HF_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
@@ -583,9 +550,14 @@ class _Found:
     tokenizer: Path | None = None
 
 
-def bundled_model_path() -> Path:
-    """Directory of the model shipped inside the package (`rgemma/assets/bundled/`)."""
-    return Path(str(importlib.resources.files("rgemma").joinpath("assets", "bundled")))
+def bundled_model_path(chat: bool = False) -> Path:
+    """Directory of a model shipped inside the package: the base model
+    (`rgemma/assets/bundled/`), or with `chat=True` the chat model fine-tuned from it
+    (`rgemma/assets/bundled-chat/`, `rgemma.defaults.CHAT_MODEL`)."""
+    from .defaults import CHAT_MODEL
+
+    name = CHAT_MODEL if chat else "bundled"
+    return Path(str(importlib.resources.files("rgemma").joinpath("assets", name)))
 
 
 def _find(path: Path) -> _Found:
@@ -912,6 +884,9 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     config: GriffinConfig | str | None = None,
+    *,
+    adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = True,
 ):
     """Load a `Griffin` from an official `.pt`, a HF directory or an rgemma directory.
 
@@ -920,7 +895,11 @@ def load_model(
     shapes; Kaggle's wrapping `{"model": state_dict}` is accepted); a directory with
     `config.json` and `model.safetensors` or a sharded index (HF names); a directory
     with `rgemma_config.json` + `model.safetensors`. `.pt` files are read with
-    `torch.load(weights_only=True, mmap=True)`: no arbitrary object is unpickled.
+    `torch.load(weights_only=True, mmap=True)`: no arbitrary object is unpickled. A
+    training checkpoint (`OUT/checkpoints/step_XXXXXXX`, or a run directory `OUT` or
+    its `checkpoints/` for the newest complete one) gives its model, resharded from
+    any number of ranks, with LoRA adapters merged into their base
+    (`training.checkpoint.load_checkpoint_model`; `source["format"]` "training").
 
     The model is built on the meta device and the checkpoint's tensors are assigned
     to it (`load_state_dict(strict=True, assign=True)`), so no random weights are
@@ -937,12 +916,20 @@ def load_model(
             for an official `.pt` it also supplies what shapes cannot tell (attention
             window, embedding scaling, soft-cap, RoPE base), which otherwise default to
             RecurrentGemma's.
+        adapter: a LoRA adapter directory in PEFT's format (`rgemma.lora.save_adapter`,
+            or PEFT's `save_pretrained` for HF's RecurrentGemma) to apply to the model
+            (`rgemma.lora.load_adapter`: shapes and the base's fingerprint checked).
+        merge_adapter: fold the adapter into the weights (`rgemma.lora.merge_lora`,
+            the default: then the model runs at the base model's speed, with logits
+            equal to the unmerged model's within the dtype's rounding); False keeps the
+            `LoRALinear` wrappers (to continue training the adapter, or to inspect it).
 
     Returns:
         `Griffin` in eval mode with `requires_grad=False` (call `.requires_grad_(True)`
         to train it), every parameter a real tensor of `dtype` on `device`,
         with `model.source = {"format": "official" | "hf" | "rgemma", "path": str,
-        "tokenizer": str | None, "bundled": bool}`.
+        "tokenizer": str | None, "bundled": bool}`, plus with an adapter
+        `"adapter": {"path": str, "merged": bool, "bytes": int}` (its parameters' bytes).
 
     Raises:
         CheckpointError: nonexistent path; a directory without a checkpoint (says what
@@ -955,6 +942,8 @@ def load_model(
     """
     from .model import Griffin
 
+    if adapter is not None:
+        return _with_adapter(load_model(path, dtype, device, config), adapter, merge_adapter)
     dtype = _as_dtype(dtype)
     bundled = path is None
     if bundled:
@@ -969,6 +958,12 @@ def load_model(
     path = Path(os.fspath(resolve_model_path(path))).expanduser().absolute()  # Hub ids too
     if isinstance(config, str):
         config = GriffinConfig.preset(config)
+    if _may_be_training_run(path):
+        from .training.checkpoint import load_checkpoint_model, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(path)
+        if ckpt is not None:
+            return load_checkpoint_model(ckpt, dtype, device, config, load_base=load_model)
     found = _find(path)
     where = f"checkpoint {found.weights[0] if found.weights else found.index}"
 
@@ -1084,6 +1079,29 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
+def _may_be_training_run(path: Path) -> bool:
+    """Whether `path` may be a training checkpoint or run directory (the names of
+    `training.checkpoint`'s layout), checked before importing the training code."""
+    return path.is_dir() and (
+        (path / "COMPLETE").exists()
+        or path.name.startswith("step_")
+        or path.name == "checkpoints"
+        or (path / "checkpoints").is_dir()
+    )
+
+
+def _with_adapter(model, adapter: str | os.PathLike, merge: bool):
+    """`model` with the LoRA adapter in directory `adapter` applied (and merged)."""
+    from . import lora
+
+    lora.load_adapter(model, adapter)
+    nbytes = lora.adapter_size(model).adapter_bytes
+    if merge:
+        lora.merge_lora(model)
+    model.source["adapter"] = {"path": os.fspath(adapter), "merged": merge, "bytes": nbytes}
+    return model.eval().requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------
@@ -1092,6 +1110,12 @@ def _plain_state(model) -> tuple[GriffinConfig, dict[str, Tensor]]:
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, GriffinConfig):
         raise CheckpointError(f"save expects a rgemma Griffin model, got {type(model).__name__}")
+    adapters = [n for n, _ in model.named_parameters() if ".lora_A" in n]
+    if adapters:
+        raise CheckpointError(
+            f"the model has unmerged LoRA adapters ({adapters[0]}, ...): merge them first "
+            "(rgemma.lora.merge_lora) or save them alone (rgemma.lora.save_adapter)"
+        )
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return cfg, state
 

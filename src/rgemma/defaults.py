@@ -20,6 +20,13 @@ ms per token). So the inference commands set `OMP_WAIT_POLICY=PASSIVE` unless th
 user set it, before torch loads OpenMP (which reads it once), and run models below
 `SMALL_MODEL_PARAMETERS` on one thread unless `--threads` says otherwise: their
 per-operator work is too small to share between cores.
+
+Models (`CHAT_MODEL`): `rgemma chat` and `rgemma serve` without `--model` load the
+bundled chat model (`rgemma/assets/bundled-chat/`: the bundled base fine-tuned with
+LoRA on dialogue from its own corpus by `scripts/build_chat_model.sh`; it ends its
+turn with `<end_of_turn>`, the base never does). `rgemma generate`, `info`, `eval`,
+`bench` and `rgemma.load()` keep the base (`rgemma/assets/bundled/`), a plain
+language model.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import os
 import sys
 
 __all__ = [
+    "CHAT_MODEL",
     "MAX_TOKENS_DEFAULT",
     "SAMPLING",
     "SMALL_MODEL_PARAMETERS",
@@ -37,6 +45,10 @@ __all__ = [
 
 #: The CLI's and the server's sampling defaults (see the module docstring).
 SAMPLING: dict[str, float] = {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1}
+
+#: The asset directory (under `rgemma/assets/`) of the model that `rgemma chat` and
+#: `rgemma serve` load without `--model` (see the module docstring).
+CHAT_MODEL = "bundled-chat"
 
 #: `max_tokens` of a server request that gives none (`rgemma serve
 #: --max-tokens-default`).

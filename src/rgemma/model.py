@@ -1,9 +1,10 @@
 """The Griffin / RecurrentGemma network, read top to bottom, smallest part first.
 
 Papers: Griffin (arXiv 2402.19427) section 2; RecurrentGemma (arXiv 2404.07839).
-Official counterpart: `recurrentgemma.torch.{layers,modules,griffin}`; parameter
-names and shapes are the official ones, so an official state_dict loads with
-`load_state_dict(strict=True)`.
+Official counterpart: `recurrentgemma.torch.{layers,modules,griffin}`; state_dict
+keys and shapes are the official ones, so an official state_dict loads with
+`load_state_dict(strict=True)` (parameter names too, except the MLP's up projection:
+two `nn.Linear`s inside, `ffw_up.gate_proj` / `ffw_up.up_proj`, see `MLPBlock`).
 
 Dimension letters: b batch, t time (new tokens), s keys (window + new tokens),
 d width, e LRU width, m MLP width, h heads, hd head dim, w window, v vocabulary.
@@ -267,8 +268,9 @@ class LocalAttentionBlock(nn.Module):
       (the engine's decode step), else into a copy.
     * A longer call runs in query chunks of `ATTENTION_QUERY_CHUNK` tokens against the
       window plus the chunk, so the attention logits are never larger than
-      (chunk x (window + chunk)) per head: memory is linear in t. A window with no
-      valid key (a fresh prefill) is skipped. The attention itself is
+      (chunk x (window + chunk)) per head: memory is linear in t. From a fresh state
+      (an empty window: every training step) the chunks attend to the new tokens
+      only, without the ring (`_prefill`). The attention itself is
       `ops.local_attention`.
     """
 
@@ -331,39 +333,73 @@ class LocalAttentionBlock(nn.Module):
     def _prefill(
         self, q: Tensor, k: Tensor, v: Tensor, segment_pos: Tensor, state: AttentionState
     ) -> tuple[Tensor, AttentionState]:
-        """t tokens per row: q (b, t, h, hd), k, v (b, t, hd) -> ((b, t, h, hd), state)."""
+        """t tokens per row: q (b, t, h, hd), k, v (b, t, hd) -> ((b, t, h, hd), state).
+
+        From a fresh state (no valid key in the window) whose new tokens are in order
+        (`_keys_in_order`), each query chunk attends to new tokens only: itself and
+        the `window` tokens before it, sliced from k and v (no empty slots, no ring
+        copies), and the ring is written once at the end. Otherwise each chunk
+        attends to the ring followed by itself, then is written into the ring (a fresh
+        state's first chunk still skips the empty ring).
+        """
         # Document index of each new token: 0 continues the state's document.
         doc = torch.cumsum((segment_pos == 0).long(), dim=1)  # (b, t)
         ring_k, ring_v = state.keys.to(k.dtype), state.values.to(v.dtype)  # (b, w, hd)
         ring_pos = state.positions  # (b, w)
         ring_doc = torch.zeros_like(ring_pos)
-        # A fresh prefill: the first query chunk skips the w empty slots (one host sync
-        # per call, never in a decode step).
-        skip = not bool((ring_pos >= 0).any())
+        # One host sync per call (never in a decode step).
+        fresh = ~(ring_pos >= 0).any()
+        fresh, in_order = torch.stack([fresh, _keys_in_order(segment_pos)]).tolist()
+        direct = fresh and in_order
         outs = []
         for start in range(0, segment_pos.shape[1], ATTENTION_QUERY_CHUNK):
-            sl = slice(start, start + ATTENTION_QUERY_CHUNK)
-            q_pos, q_doc = segment_pos[:, sl], doc[:, sl]
-            if skip and start == 0:  # query i is key i
-                ctx_k, ctx_v, ctx_pos, ctx_doc, offset = k[:, sl], v[:, sl], q_pos, q_doc, 0
+            end = start + ATTENTION_QUERY_CHUNK
+            q_pos, q_doc = segment_pos[:, start:end], doc[:, start:end]
+            if direct or (fresh and start == 0):  # query i is key start - lo + i
+                lo = max(0, start - self.window)
+                ctx_k, ctx_v = k[:, lo:end], v[:, lo:end]  # (b, s, hd)
+                ctx_pos, ctx_doc = segment_pos[:, lo:end], doc[:, lo:end]  # (b, s)
+                offset = start - lo
             else:  # query i is key w + i
-                ctx_k = torch.cat([ring_k, k[:, sl]], dim=1)  # (b, s, hd)
-                ctx_v = torch.cat([ring_v, v[:, sl]], dim=1)
+                ctx_k = torch.cat([ring_k, k[:, start:end]], dim=1)  # (b, s, hd)
+                ctx_v = torch.cat([ring_v, v[:, start:end]], dim=1)
                 ctx_pos = torch.cat([ring_pos, q_pos], dim=1)  # (b, s)
                 ctx_doc = torch.cat([ring_doc, q_doc], dim=1)
                 offset = ring_pos.shape[1]
-            outs.append(
-                local_attention(
-                    q[:, sl], ctx_k, ctx_v, q_pos, ctx_pos, q_doc, ctx_doc, self.window, offset
+            qc = q[:, start:end]  # (b, chunk, h, hd)
+            ctx = (ctx_k, ctx_v, q_pos, ctx_pos, q_doc, ctx_doc)
+            outs.append(local_attention(qc, *ctx, self.window, offset))  # (b, chunk, h, hd)
+            if not direct:
+                new = (k[:, start:end], v[:, start:end], q_pos, q_doc)
+                ring_k, ring_v, ring_pos, ring_doc = _ring_write(
+                    (ring_k, ring_v, ring_pos, ring_doc), new, q_pos
                 )
-            )  # (b, chunk, h, hd)
+        if direct:  # every new token at once; the latest of each slot wins
             ring_k, ring_v, ring_pos, ring_doc = _ring_write(
-                (ring_k, ring_v, ring_pos, ring_doc), (k[:, sl], v[:, sl], q_pos, q_doc), q_pos
+                (ring_k, ring_v, ring_pos, ring_doc), (k, v, segment_pos, doc), segment_pos
             )
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (b, t, h, hd)
         # Keys of documents before the row's last one can never be seen again.
         ring_pos = ring_pos.masked_fill(ring_doc != doc[:, -1:], -1)
         return out, AttentionState(ring_k, ring_v, ring_pos)
+
+
+def _keys_in_order(segment_pos: Tensor) -> Tensor:
+    """0-dim bool: in every row, the keys any query sees are among the `window` tokens
+    before it, so a fresh prefill can slice them from the new tokens.
+
+    True when, in each row, positions rise by at least 1 from a real token to the next
+    within a document (a document restarts at 0) and no padding sits between real
+    tokens (padding before the first or after the last is fine): a visible key i of
+    query j (same document) then has j - i <= pos_j - pos_i <= window.
+    segment_pos: (b, t) int, -1 at padding.
+    """
+    real = segment_pos >= 0  # (b, t)
+    prev, nxt = segment_pos[:, :-1], segment_pos[:, 1:]  # (b, t - 1)
+    rising = (nxt > prev) | (nxt == 0) | (prev < 0) | (nxt < 0)
+    before = torch.cumsum(real, dim=1) > 0  # a real token at or before
+    after = torch.cumsum(real.flip(1), dim=1).flip(1) > 0  # a real token at or after
+    return rising.all() & ~(~real & before & after).any()
 
 
 def _writable(*tensors: Tensor) -> bool:
@@ -399,55 +435,100 @@ def _ring_write(ring: tuple[Tensor, ...], new: tuple[Tensor, ...], pos: Tensor):
 # ----------------------------------------------------------------------------------
 # MLP, residual block, model
 # ----------------------------------------------------------------------------------
-class MLPBlock(nn.Module):
-    """Gated MLP: `ffw_down(gelu_tanh(x W0 + b0) * (x W1 + b1))`.
+class GatedUpProjection(nn.Module):
+    """The MLP's two up projections, `gate_proj` (official half 0, the one through the
+    GELU) and `up_proj` (half 1): each a `Linear(d, m)`, weight (m, d) in nn.Linear's
+    layout and bias (m,), so PEFT and `rgemma.lora` reach each one like any linear.
 
-    Official: `modules.MLPBlock`, with `ffw_up.w` of shape (2, d, m) and
-    `ffw_up.b` of shape (2, 1, 1, m). Those are the shapes `state_dict()` returns
-    and `load_state_dict()` takes. Inside, the parameter `ffw_up.w` is kept as
-    (2, m, d), nn.Linear's (out, in) layout, so both projections are one
-    `F.linear` with 2m outputs: on CPU a bfloat16 vector-matrix product over the
-    (d, m) layout ran at half the speed (measured in benchmarks/RESULTS.md).
+    `state_dict()` gives, and `load_state_dict()` takes, the official tensors instead:
+    `w` (2, d, m) = stack(gate.weight.T, up.weight.T) and `b` (2, 1, 1, m), a
+    contiguous copy per call (the internal names `gate_proj.weight` etc. load too).
+    Any other module under `gate_proj` / `up_proj` (a LoRA wrapper's `lora_A.weight`)
+    keeps its own keys. Official: `ffw_up` of `modules.MLPBlock`, an `Einsum`.
+    """
+
+    def __init__(self, width: int, expanded_width: int, device=None, dtype=None):
+        super().__init__()
+        # Uninitialised (`Griffin.reset_parameters` draws them, in the official (2, d, m)
+        # order): nn.Linear's own init would consume the RNG, changing the model a seed
+        # gives compared with the single (2, m, d) parameter this replaced.
+        kw = {"device": device if device is not None else torch.get_default_device()}
+        self.gate_proj = nn.utils.skip_init(Linear, width, expanded_width, dtype=dtype, **kw)
+        self.up_proj = nn.utils.skip_init(Linear, width, expanded_width, dtype=dtype, **kw)
+        self.register_state_dict_post_hook(_up_to_official)
+        self.register_load_state_dict_pre_hook(_up_from_official)
+
+    @property
+    def w(self) -> Tensor:
+        """The official weight (2, d, m), a new tensor."""
+        return torch.stack([self.gate_proj.weight.T, self.up_proj.weight.T])
+
+    @property
+    def b(self) -> Tensor:
+        """The official bias (2, 1, 1, m), a new tensor."""
+        return torch.stack([self.gate_proj.bias, self.up_proj.bias]).reshape(2, 1, 1, -1)
+
+
+_UP_HALVES = ("gate_proj", "up_proj")
+
+
+def _up_to_official(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: `gate_proj` / `up_proj` weights (m, d) and biases (m,) -> the
+    official `w` (2, d, m) and `b` (2, 1, 1, m), each one contiguous copy (as big as
+    the copy a checkpoint writer makes anyway; meta tensors stay meta)."""
+    w = [state_dict.pop(f"{prefix}{half}.weight") for half in _UP_HALVES]
+    b = [state_dict.pop(f"{prefix}{half}.bias") for half in _UP_HALVES]
+    state_dict[prefix + "w"] = torch.stack([w[0].T, w[1].T])  # (2, d, m)
+    state_dict[prefix + "b"] = torch.stack(b).reshape(2, 1, 1, -1)  # (2, 1, 1, m)
+
+
+def _up_from_official(
+    module, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs
+) -> None:
+    """load_state_dict pre-hook: the official `w` (2, d, m) and `b` (2, 1, 1, m) ->
+    `gate_proj` / `up_proj` weights (m, d) and biases (m,). A tensor of another shape
+    is reported (named by its official key) and not loaded."""
+    m, d = module.gate_proj.weight.shape
+    for key, shape in (("w", (2, d, m)), ("b", (2, 1, 1, m))):
+        t = state_dict.get(prefix + key)
+        if not isinstance(t, Tensor):
+            continue
+        del state_dict[prefix + key]
+        if tuple(t.shape) != shape:
+            error_msgs.append(
+                f"size mismatch for {prefix}{key}: copying a param with shape "
+                f"{tuple(t.shape)} from checkpoint, the shape in current model is {shape}."
+            )
+            continue
+        for j, half in enumerate(_UP_HALVES):
+            if key == "w":  # (d, m) -> (m, d), contiguous: a parameter of its own
+                state_dict[f"{prefix}{half}.weight"] = t[j].T.contiguous()
+            else:
+                state_dict[f"{prefix}{half}.bias"] = t[j].reshape(m)
+
+
+class MLPBlock(nn.Module):
+    """Gated MLP: `ffw_down(gelu_tanh(gate_proj(x)) * up_proj(x))`, where
+    `ffw_up.gate_proj(x) = x W0 + b0` and `ffw_up.up_proj(x) = x W1 + b1`.
+
+    Official: `modules.MLPBlock`, with `ffw_up.w` of shape (2, d, m) and `ffw_up.b`
+    of shape (2, 1, 1, m): the keys and shapes `state_dict()` returns and
+    `load_state_dict()` takes (`GatedUpProjection`). Inside, the two halves are two
+    `Linear`s with (m, d) weights, which PEFT / `rgemma.lora` can wrap one by one: on
+    CPU a bfloat16 vector-matrix product over the (d, m) layout ran at half the speed
+    (measured in benchmarks/RESULTS.md); two (m, d) products read the same bytes as
+    one (2m, d) (the quantized MLP concatenates them once).
     """
 
     def __init__(self, width: int, expanded_width: int, device=None, dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.ffw_up = nn.Module()
-        self.ffw_up.w = nn.Parameter(torch.empty(2, expanded_width, width, **kw))
-        self.ffw_up.b = nn.Parameter(torch.zeros(2, 1, 1, expanded_width, **kw))
+        self.ffw_up = GatedUpProjection(width, expanded_width, **kw)
         self.ffw_down = Linear(expanded_width, width, **kw)
-        self.register_state_dict_post_hook(_mlp_up_to_official)
-        self.register_load_state_dict_pre_hook(_mlp_up_from_official)
 
     def forward(self, x: Tensor) -> Tensor:
-        w, b = self.ffw_up.w, self.ffw_up.b
-        m = w.shape[1]
-        up = linear(x, w.reshape(2 * m, w.shape[2]), b.reshape(2 * m))  # (b, t, 2m)
-        gate = F.gelu(up[..., :m], approximate="tanh")
-        return self.ffw_down(gate * up[..., m:])
-
-
-def _mlp_up_to_official(module, state_dict, prefix, local_metadata) -> None:
-    """state_dict hook: internal (2, m, d) -> the official (2, d, m), as a view."""
-    key = prefix + "ffw_up.w"
-    if key in state_dict:
-        state_dict[key] = state_dict[key].transpose(1, 2)
-
-
-def _mlp_up_from_official(module, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook: the official (2, d, m) -> internal (2, m, d).
-
-    A tensor of any other shape is left alone, so load_state_dict reports it.
-    """
-    key = prefix + "ffw_up.w"
-    w = state_dict.get(key)
-    if (
-        isinstance(w, Tensor)
-        and w.ndim == 3
-        and tuple(w.shape) == tuple(module.ffw_up.w.shape[i] for i in (0, 2, 1))
-    ):
-        state_dict[key] = w.transpose(1, 2).contiguous()
+        gate = F.gelu(self.ffw_up.gate_proj(x), approximate="tanh")  # (b, t, m)
+        return self.ffw_down(gate * self.ffw_up.up_proj(x))
 
 
 class ResidualBlock(nn.Module):
@@ -524,7 +605,6 @@ class Griffin(nn.Module):
         self.embedder = Embedder(config.vocab_size, config.width, config.embedding_scale, **kw)
         self.blocks = nn.ModuleList(ResidualBlock(config, bt, **kw) for bt in config.block_types)
         self.final_norm = RMSNorm(config.width, **kw)
-        self.gradient_checkpointing = False
         if torch.device(device or "cpu").type != "meta":
             self.reset_parameters()
 
@@ -544,13 +624,15 @@ class Griffin(nn.Module):
         normal_(self.embedder.input_embedding, 1.0 / math.sqrt(cfg.width))
         for block in self.blocks:
             for name, p in block.named_parameters():
-                if p.ndim == 1 or name.endswith(".b"):  # biases (ffw_up.b is 4-D)
+                if p.ndim == 1 or name.endswith(".b"):  # biases (the RG-LRU gates' are 2-D)
                     p.zero_()
             mlp = block.mlp_block
             # Drawn in the official (2, d, m) order, so a seed gives the same model as before.
-            up = torch.empty(mlp.ffw_up.w.transpose(1, 2).shape, dtype=mlp.ffw_up.w.dtype)
-            normal_(up, 1.0 / math.sqrt(cfg.width))
-            mlp.ffw_up.w.copy_(up.transpose(1, 2))
+            gate, up = mlp.ffw_up.gate_proj.weight, mlp.ffw_up.up_proj.weight  # (m, d) each
+            both = torch.empty(2, *gate.T.shape, dtype=gate.dtype)  # (2, d, m)
+            normal_(both, 1.0 / math.sqrt(cfg.width))
+            gate.copy_(both[0].T)
+            up.copy_(both[1].T)
             normal_(mlp.ffw_down.weight, math.sqrt(out_scale / cfg.mlp_expanded_width))
             tb = block.temporal_block
             if block.block_type == BlockType.RECURRENT:
@@ -638,12 +720,7 @@ class Griffin(nn.Module):
         x = self.embedder.encode(tokens)  # (b, t, d)
         new_blocks = []
         for block, block_state in zip(self.blocks, state.blocks):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, block_state = torch.utils.checkpoint.checkpoint(
-                    block, x, segment_pos, block_state, False, pad, use_reentrant=False
-                )
-            else:
-                x, block_state = block(x, segment_pos, block_state, donate, pad)
+            x, block_state = block(x, segment_pos, block_state, donate, pad)
             new_blocks.append(block_state)
         if t == 0:
             next_pos = state.next_pos

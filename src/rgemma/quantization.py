@@ -153,14 +153,17 @@ class Int4Linear(nn.Module):
 
 
 class QuantizedMLPBlock(nn.Module):
-    """`MLPBlock` with quantized projections; both up projections are one (2m, d)
-    matrix. `make(weight, bias, where)` builds each quantized linear."""
+    """`MLPBlock` with quantized projections; both up projections (`ffw_up.gate_proj`
+    and `ffw_up.up_proj`, (m, d) each) are concatenated once into one (2m, d) matrix,
+    one product per call. `make(weight, bias, where)` builds each quantized linear."""
 
     def __init__(self, mlp: MLPBlock, make):
         super().__init__()
-        w, b = mlp.ffw_up.w.detach(), mlp.ffw_up.b.detach()  # (2, m, d), (2, 1, 1, m)
-        self.expanded_width = w.shape[1]
-        self.up = make(w.reshape(2 * w.shape[1], w.shape[2]), b.reshape(-1), "ffw_up")
+        gate, up = mlp.ffw_up.gate_proj, mlp.ffw_up.up_proj
+        self.expanded_width = gate.weight.shape[0]
+        w = torch.cat([gate.weight.detach(), up.weight.detach()])  # (2m, d)
+        b = torch.cat([gate.bias.detach(), up.bias.detach()])  # (2m,)
+        self.up = make(w, b, "ffw_up")
         self.ffw_down = make(mlp.ffw_down.weight, mlp.ffw_down.bias, "ffw_down")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -242,7 +245,8 @@ def quantize(model: Griffin, mode: str = "int8", *, group_size: int | None = Non
 
     Raises:
         InputError: an unknown mode or group size, not a `Griffin`, a model already
-            quantized, or (int4) an input width that is not a multiple of 32.
+            quantized or with unmerged LoRA adapters, or (int4) an input width that is
+            not a multiple of 32.
     """
     if mode not in QUANTIZATION_MODES:
         raise InputError(
@@ -252,6 +256,10 @@ def quantize(model: Griffin, mode: str = "int8", *, group_size: int | None = Non
         raise InputError(f"quantize expects a rgemma Griffin model, got {type(model).__name__}")
     if getattr(model, "quantization", None):
         raise InputError(f"the model is already quantized ({model.quantization})")
+    if any(".lora_A" in name for name, _ in model.named_parameters()):
+        raise InputError(
+            "the model has unmerged LoRA adapters: merge them first (rgemma.lora.merge_lora)"
+        )
     if group_size is not None and (mode != "int4" or group_size not in INT4_GROUP_SIZES):
         raise InputError(
             f"group_size {group_size} is for int4 only, one of "

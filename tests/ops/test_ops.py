@@ -109,6 +109,16 @@ def rglru_gates_inputs(t, dtype, g):
     return [x, gate_x, gate_a, a_param, pos, pos < 0]
 
 
+def linear_cross_entropy_inputs(t, dtype, g):
+    """Hidden states (2, t, 16), a tied embedding of 40 tokens scaled so the soft-cap
+    of 5 bites, targets, a loss mask with unlearned positions, chunks of 5 rows."""
+    h = torch.randn(2, t, 16, generator=g)
+    weight = torch.randn(40, 16, generator=g) * 0.5
+    targets = torch.randint(0, 40, (2, t), generator=g)
+    mask = (torch.rand(2, t, generator=g) > 0.3).float()
+    return [h.to(dtype), weight.to(dtype), targets, mask, 5.0, 5]
+
+
 #: op -> (inputs for (t, dtype, generator), positions of the inputs to differentiate)
 CASES = {
     "scan": (scan_inputs, (0, 1, 2)),
@@ -119,6 +129,7 @@ CASES = {
     "int4_matmul": (int4_matmul_inputs, ()),
     "decode_attention": (decode_attention_inputs, (0, 1, 2, 3, 4)),
     "rglru_gates": (rglru_gates_inputs, (0, 1, 2, 3)),
+    "linear_cross_entropy": (linear_cross_entropy_inputs, (0, 1)),
 }
 FAST = [(op, impl) for op, impls in IMPLEMENTATIONS.items() for impl in impls if impl != "ref"]
 
@@ -232,7 +243,7 @@ def test_forcing_references_gives_the_logits_of_auto(kind, monkeypatch):
         return torch.cat([prefill.flatten(0, 1), step])
 
     auto = logits()
-    assert {name for _, name in calls} > {"ref"}  # auto runs fast paths here
+    assert {name for _, name in calls} - {"ref"}  # auto runs fast paths here
     with ops.use("ref"):
         forced = logits()
     assert calls and {name for _, name in calls} == {"ref"}

@@ -11,6 +11,7 @@ from . import options
 
 EPILOG = """\
 examples:
+  rgemma chat                                  # the bundled chat model
   rgemma chat --model ./recurrentgemma-2b-it
   rgemma chat --system "Answer in one sentence." --temperature 0.7 --seed 0
   rgemma chat --save-state talk.state          # keep the conversation at exit
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-state", metavar="FILE", help="continue a chat saved by --save-state")
     p.add_argument("--save-state", metavar="FILE", help="save the chat state at exit")
     options.add_sampling_options(p, max_new_tokens=512)
-    options.add_model_options(p)
+    options.add_model_options(p, chat=True)
     options.add_speed_options(p)
 
 

@@ -21,6 +21,7 @@ examples:
   rgemma convert google/recurrentgemma-2b-it ./rg-2b-it --to rgemma --dtype bfloat16
   rgemma convert ./rg-2b-it ./rg-2b-it-int8 --to rgemma --quantize int8
   rgemma convert ./flax-ckpt ./rg-hf --to hf --tokenizer ./tokenizer.model --force
+  rgemma convert ./rg-2b ./rg-2b-chat --merge-adapter ./runs/lora/adapter --to rgemma
 
 The HF attention window is one key shorter than the official model's (HF sees W keys,
 the official model W + 1): --hf-exact-window writes W + 1 into config.json so that
@@ -56,6 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tokenizer",
         metavar="FILE",
         help="tokenizer.model to ship (default: the one beside SRC, if any)",
+    )
+    p.add_argument(
+        "--merge-adapter",
+        metavar="DIR",
+        help="fold the LoRA adapter in DIR (PEFT format: adapter_config.json + "
+        "adapter_model.safetensors, e.g. from rgemma train with lora_rank > 0) into "
+        "SRC's weights before writing",
     )
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument(
@@ -97,11 +105,13 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `rgemma convert`; prints the written directory; returns 0.
+    """Run `rgemma convert`; prints the written directory (and, with --merge-adapter,
+    the adapter's size and share of the base); returns 0.
 
     Raises:
         InputError: an option that does not fit --to, a DST that exists (without
-            --force), a missing --tokenizer. CheckpointError: an unreadable SRC.
+            --force), a missing --tokenizer. CheckpointError: an unreadable SRC; an
+            adapter that is unreadable or made for another base model.
     """
     from ..checkpoint import save_hf, save_model
     from ..errors import InputError
@@ -120,8 +130,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import load_model
 
-    model = load_model(src, dtype=args.dtype)
+    model = load_model(src, dtype=args.dtype, adapter=args.merge_adapter)
     source = getattr(model, "source", None) or {}
+    merged = None
+    if args.merge_adapter:  # its size beside the base's, before any quantization
+        from ..lora import AdapterSize
+
+        base = sum(p.numel() * p.element_size() for p in model.parameters())
+        merged = AdapterSize(source["adapter"]["bytes"], base)
     tokenizer = args.tokenizer or source.get("tokenizer")
     if args.to == "hf":
         save_hf(
@@ -140,4 +156,6 @@ def run(args: argparse.Namespace) -> int:
     n = sum(p.numel() for p in model.state_dict().values())
     kind = f"{args.to}{', ' + args.quantize if args.quantize else ''}"
     options.write(f"wrote {dst} ({kind}, {n:,} values, tokenizer: {tokenizer or 'none'})\n")
+    if merged is not None:
+        options.write(f"merged {args.merge_adapter}: {merged.describe()}\n")
     return 0

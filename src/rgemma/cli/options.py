@@ -1,7 +1,7 @@
 """What the `rgemma` commands share: their options, loading, input checks and the
 one-line error report.
 
-Options: `--model/--dtype/--device/--threads` (`add_model_options`), the sampling
+Options: `--model/--adapter/--dtype/--device/--threads` (`add_model_options`), the sampling
 options turned into one `SamplingParams` (`add_sampling_options`, `sampling_params`),
 `--quantize/--compile` (`add_speed_options`). This module imports no command, and
 nothing heavy: torch and the model are imported inside the functions that need them.
@@ -100,13 +100,27 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
 # ----------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device, --threads."""
+def add_model_options(parser: argparse.ArgumentParser, *, chat: bool = False) -> None:
+    """--model, --adapter, --dtype, --device, --threads. With `chat=True` the default
+    model is the bundled chat model (`rgemma.defaults.CHAT_MODEL`; the bundled base
+    when an --adapter is given), else the bundled base model."""
+    default = (
+        "the bundled chat model (with --adapter: the bundled base model)"
+        if chat
+        else "the bundled model"
+    )
     parser.add_argument(
         "--model",
         metavar="PATH",
         help="checkpoint directory or file: rgemma or Hugging Face directory, or an "
-        "official .pt (tokenizer.model beside it); default: the bundled model",
+        f"official .pt (tokenizer.model beside it); default: {default}",
+    )
+    parser.set_defaults(chat_model=chat)
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a LoRA adapter directory (PEFT format, e.g. from rgemma train with "
+        "lora_rank > 0) to merge into --model's weights after loading",
     )
     parser.add_argument(
         "--dtype",
@@ -352,28 +366,37 @@ def setup_torch(args: argparse.Namespace) -> None:
 
 
 def load_model_and_tokenizer(args: argparse.Namespace, *, tokenizer: bool = True):
-    """(model, tokenizer) for --model/--dtype/--device, with --quantize and --compile
-    applied; the tokenizer is None when `tokenizer=False` (a bare checkpoint will do).
+    """(model, tokenizer) for --model/--dtype/--device, with the --adapter merged
+    (`rgemma.lora`), then --quantize and --compile applied; the tokenizer is None when
+    `tokenizer=False` (a bare checkpoint will do).
 
     Raises:
-        CheckpointError: see `rgemma.generation.load`.
+        CheckpointError: see `rgemma.generation.load`; an --adapter that is unreadable
+            or made for another base model (`rgemma.lora.load_adapter`).
         InputError: an OS error reading --model (the message names the option).
     """
     from ..errors import InputError, RgemmaError
 
+    path = args.model
+    if (
+        path is None
+        and getattr(args, "chat_model", False)
+        and getattr(args, "adapter", None) is None
+    ):
+        path = _bundled_chat_model()
     try:
         if tokenizer:
             from ..generation import load
 
             with warnings.catch_warnings(record=True) as caught:  # shown as one line each
                 warnings.simplefilter("always", UserWarning)
-                model, tok = load(args.model, dtype=args.dtype, device=args.device)
+                model, tok = load(path, dtype=args.dtype, device=args.device)
             for w in caught:
                 warn(str(w.message))
         else:
             from ..checkpoint import load_model
 
-            model, tok = load_model(args.model, dtype=args.dtype, device=args.device), None
+            model, tok = load_model(path, dtype=args.dtype, device=args.device), None
     except OSError as err:  # not an RgemmaError: name the option
         if isinstance(err, RgemmaError) or args.model is None:
             raise
@@ -381,8 +404,30 @@ def load_model_and_tokenizer(args: argparse.Namespace, *, tokenizer: bool = True
             where = f" ({err.filename})" if err.filename not in (None, args.model) else ""
             raise InputError(f"--model {args.model}: {err.strerror}{where}") from None
         raise InputError(f"--model {args.model}: {one_line(err)}") from None
+    if getattr(args, "adapter", None) is not None:
+        from ..lora import load_adapter, merge_lora
+
+        merge_lora(load_adapter(model, args.adapter)).requires_grad_(False)
     _default_threads(model, args)
     return apply_speed_options(model, args), tok
+
+
+def _bundled_chat_model() -> str:
+    """The bundled chat model's directory (the default --model of `chat` and `serve`).
+
+    Raises:
+        CheckpointError: it is not installed (names where it looked).
+    """
+    from ..checkpoint import RGEMMA_CONFIG_NAME, bundled_model_path
+    from ..errors import CheckpointError
+
+    path = bundled_model_path(chat=True)
+    if not (path / RGEMMA_CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"no bundled chat model is installed (looked in {path}); pass --model PATH "
+            "(scripts/build_chat_model.sh builds it)"
+        )
+    return str(path)
 
 
 def _default_threads(model, args: argparse.Namespace) -> None:

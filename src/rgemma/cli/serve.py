@@ -14,6 +14,7 @@ from . import options
 
 EPILOG = """\
 examples:
+  rgemma serve                                 # the bundled chat model
   rgemma serve --model ./recurrentgemma-2b-it
   rgemma serve --model ./recurrentgemma-2b-it --max-batch-size 32 --api-key sk-local
   rgemma serve --quantize int8 --port 8080
@@ -170,7 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("critical", "error", "warning", "info", "debug"),
         help="uvicorn log level (default info)",
     )
-    options.add_model_options(p)
+    options.add_model_options(p, chat=True)
     options.add_speed_options(p)
 
 

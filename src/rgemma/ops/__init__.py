@@ -4,12 +4,13 @@
 | --- | --- | --- | --- |
 | `scan` (RG-LRU recurrence) | `linear_scan_ref` | `chunked` | `ops/scan.py` |
 | `conv1d` (Griffin Conv1D) | `conv1d_ref` | `shifted` | `ops/conv1d.py` |
-| `attention` (local MQA) | `local_attention_ref` | `sdpa`, `fused` | `ops/attention.py` |
+| `attention` (local MQA) | `local_attention_ref` | `sdpa`, `fused`, `blocked` | `ops/attention.py` |
 | `linear` | `linear_ref` (`F.linear`) | `mv`, `tuned` | `ops/linear.py` |
 | `int8_matmul` (weight-only) | `int8_matmul_ref` | `kernel` | `ops/linear.py` |
 | `int4_matmul` (weight-only) | `int4_matmul_ref` | `kernel` | `ops/quant.py` |
 | `decode_attention` (one step) | `decode_attention_ref` | `split` | `ops/attention.py` |
 | `rglru_gates` (RG-LRU gate math) | `rglru_gates_ref` | `fused` | `ops/rglru.py` |
+| `linear_cross_entropy` (head + loss) | `linear_cross_entropy_ref` | `chunked` | `ops/loss.py` |
 
 The model calls the dispatching functions below (`linear_scan`, `conv1d`,
 `local_attention`, `linear`, `int8_matmul`); each runs the implementation that
@@ -46,6 +47,7 @@ from ..errors import InputError
 from .attention import (
     decode_attention_ref,
     decode_attention_split,
+    local_attention_blocked,
     local_attention_fused,
     local_attention_ref,
     local_attention_sdpa,
@@ -59,6 +61,7 @@ from .linear import (
     linear_ref,
     linear_tuned,
 )
+from .loss import linear_cross_entropy_chunked, linear_cross_entropy_ref
 from .quant import int4_matmul_kernel, int4_matmul_ref
 from .rglru import rglru_gates_fused, rglru_gates_ref
 from .scan import linear_scan_chunked, linear_scan_ref
@@ -73,29 +76,38 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
         "ref": local_attention_ref,
         "sdpa": local_attention_sdpa,
         "fused": local_attention_fused,
+        "blocked": local_attention_blocked,
     },
     "linear": {"ref": linear_ref, "mv": linear_mv, "tuned": linear_tuned},
     "int8_matmul": {"ref": int8_matmul_ref, "kernel": int8_matmul_kernel},
     "int4_matmul": {"ref": int4_matmul_ref, "kernel": int4_matmul_kernel},
     "decode_attention": {"ref": decode_attention_ref, "split": decode_attention_split},
     "rglru_gates": {"ref": rglru_gates_ref, "fused": rglru_gates_fused},
+    "linear_cross_entropy": {
+        "ref": linear_cross_entropy_ref,
+        "chunked": linear_cross_entropy_chunked,
+    },
 }
 
 #: What "auto" runs per device type; a type not listed takes "cuda"'s entry.
-#: attention stays "ref" on CPU: "sdpa" measured from 0.6x (bfloat16 decode, window
-#: 2048) to 2x (float32 prefill) of it on a shared 2-core machine, not a clear win.
+#: attention is "blocked" on CPU: SDPA per block of 128 queries over only the keys
+#: the block's mask reaches, 2-4x the reference's speed from 1,024 queries (training
+#: forward + backward from a fresh state, packed documents; a prompt continuing a full
+#: 2,048-key window 2x); below 512 queries it runs the reference, which was as fast
+#: or faster there in bfloat16 (ops/attention.py `MIN_QUERIES`).
 #: On CUDA attention is "fused" (SDPA's memory-efficient kernel with the exact mask),
 #: and scan and conv1d are "triton" wherever `rgemma.ops.triton` imports.
 AUTO: dict[str, dict[str, str]] = {
     "cpu": {
         "scan": "chunked",
         "conv1d": "shifted",
-        "attention": "ref",
+        "attention": "blocked",
         "linear": "tuned",
         "int8_matmul": "kernel",
         "int4_matmul": "kernel",
         "decode_attention": "split",
         "rglru_gates": "fused",
+        "linear_cross_entropy": "chunked",
     },
     "cuda": {
         "scan": "chunked",
@@ -107,6 +119,7 @@ AUTO: dict[str, dict[str, str]] = {
         "decode_attention": "split",
         # "fused" finds document starts with nonzero(): a host sync per layer on CUDA.
         "rglru_gates": "ref",
+        "linear_cross_entropy": "chunked",
     },
 }
 
@@ -391,6 +404,25 @@ def rglru_gates(
     return _impl("rglru_gates", x, impl)(x, gate_x, gate_a, a_param, segment_pos, pad)
 
 
+def linear_cross_entropy(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    loss_mask: Tensor,
+    soft_cap: float | None = None,
+    chunk_size: int | None = None,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """The output head and the loss: h (n, d) or (b, t, d), weight (v, d) (the tied
+    embedding), targets and loss_mask h's leading shape, soft_cap (None: none) -> the
+    float32 sum of the masked NLLs of the soft-capped logits `h @ weight.T`; under
+    autocast the matmul runs in its dtype. The "chunked" implementation never holds
+    (tokens x vocab) logits (`chunk_size` rows at a time). See `ops.loss`."""
+    fn = _impl("linear_cross_entropy", h, impl)
+    return fn(h, weight, targets, loss_mask, soft_cap, chunk_size)
+
+
 __all__ = [
     "AUTO",
     "ENV_VAR",
@@ -401,6 +433,7 @@ __all__ = [
     "int4_matmul",
     "int8_matmul",
     "linear",
+    "linear_cross_entropy",
     "linear_scan",
     "local_attention",
     "reset",

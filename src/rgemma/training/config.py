@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import GriffinConfig, griffin_pattern
+from ..config import BlockType, GriffinConfig, griffin_pattern
 from ..errors import ConfigError
+from ..lora import DEFAULT_TARGETS as LORA_TARGETS
+from ..lora import resolve_targets
 
 
 # ----------------------------------------------------------------------------------
@@ -32,6 +34,13 @@ class TrainConfig:
             `{"preset": name, **overrides}`. With `init_from` it may be left out;
             if given it must match the checkpoint.
         init_from: fine-tune from this checkpoint (official `.pt`, HF or rgemma dir).
+        lora_rank: LoRA rank r (`rgemma.lora.apply_lora`): the base weights are frozen
+            and only the adapters train; 0 (default) trains every parameter.
+        lora_alpha: LoRA scale numerator (the update is scaled by alpha / r).
+        lora_targets: the modules that get adapters, rgemma's or HF's names (default
+            every projection, `rgemma.lora.DEFAULT_TARGETS`; add "input_gate" and
+            "a_gate" for the RG-LRU gates, rgemma-only).
+        lora_dropout: dropout on the adapters' input, in [0, 1).
         tokenizer: SentencePiece `tokenizer.model`; default: the one beside
             `init_from`, else the bundled one (`rgemma/assets/bundled/tokenizer.model`).
         train_data: files, directories (searched for `*.txt`, `*.jsonl`) and globs.
@@ -45,9 +54,30 @@ class TrainConfig:
             at most `max_seq_len`. Griffin has no hard limit (the recurrence and the
             local attention window do not depend on t); memory grows linearly in t.
         max_seq_len: an optional cap on `seq_len` (a guard for configs).
-        batch_size: sequences per micro-batch b.
+        carry_state: train long documents with their full context (truncated
+            backpropagation through time, `data.StreamDataset`): documents lie whole,
+            end to end, in `batch_size x processes x grad_accum` parallel streams
+            (micro-batch j of a step holds streams [j*R, (j+1)*R), R = batch_size x
+            processes); each step trains the next `seq_len` tokens of every stream,
+            continuing from the model state (RG-LRU, Conv1D and attention window) the
+            previous segment ended in, detached: memory is bounded whatever the
+            document length, and no document, chat or completion is cut. The carried
+            state is saved with the data position (exact resume). Needs `seq_len` >=
+            the model's `attention_window_size` (`check_carry_state`) and at least one
+            document per stream. False: packed sequences (`data.PackedDataset`), each
+            on its own, chats longer than `seq_len` shortened with a warning.
+        batch_size: sequences per micro-batch b, per process.
         grad_accum: micro-batches per optimiser step; the step's loss is the sum of
-            the masked token losses over all of them divided by their count.
+            the masked token losses over all of them (and all processes) divided by
+            their count.
+        global_batch_size: sequences per optimiser step over all processes
+            (batch_size x processes x grad_accum). None: that product. When set,
+            `grad_accum` is derived from it (leave grad_accum at 1) and it must be a
+            multiple of batch_size x processes; the same config then trains the same
+            way on any number of processes.
+        data_parallel: with several processes (`torchrun`): "fsdp" (FSDP2, parameters,
+            gradients and optimiser state sharded per residual block) or "ddp"
+            (a full replica per process). Ignored with one process.
         max_steps: optimiser steps of the whole run (the cosine ends here).
         lr: peak learning rate; min_lr: the cosine's floor.
         warmup_steps: linear warm-up from 0 over this many steps.
@@ -55,9 +85,11 @@ class TrainConfig:
         beta1, beta2, eps: AdamW's.
         grad_clip: clip the global gradient norm to this (0: no clipping).
         bf16: run forward/backward under bfloat16 autocast (parameters, optimiser
-            state, RG-LRU recurrence and loss stay float32).
-        gradient_checkpointing: recompute each block in the backward pass.
-        device: "cpu", "cuda", "cuda:1", or "auto" (cuda if available).
+            state, gradient reduction, RG-LRU recurrence and loss stay float32).
+        gradient_checkpointing: recompute each residual block in the backward pass
+            (activation checkpointing, `training.parallel`).
+        device: "cpu", "cuda", "cuda:1", or "auto" (cuda if available). Under
+            torchrun, "cuda" gives each process `cuda:LOCAL_RANK`.
         num_threads: torch CPU threads (None: torch's default).
         seed: seeds the initialisation, the data order and the RNGs.
         out_dir: where checkpoints, metrics and the final model go.
@@ -65,17 +97,24 @@ class TrainConfig:
         keep_last: how many step checkpoints to keep (>= 1).
         eval_every: evaluate every this many steps (0: only at the end).
         eval_batches: the evaluation's budget: validation documents are scored
-            whole (`evaluate`), up to `eval_batches * batch_size * seq_len` tokens
-            (None: all of them).
+            whole (`evaluate`), up to `eval_batches * batch_size * processes *
+            seq_len` tokens (None: all of them).
         log_every: log the training loss every this many steps.
         resume: continue from the newest complete checkpoint in `out_dir` (a fresh
             start if there is none).
-        progress: show a tqdm progress bar.
+        progress: show progress on stderr: a tqdm bar with ETA on a terminal, else a
+            line every `log_every` steps (see `training.metrics`).
         save_final: write `out_dir/final/` at the end of the run.
+        tensorboard: also log to TensorBoard in `out_dir/tensorboard/` (needs the
+            tensorboard package).
     """
 
     model: str | dict[str, Any] | None = None
     init_from: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+    lora_dropout: float = 0.0
     tokenizer: str | None = None
     train_data: list[str] = dataclasses.field(default_factory=list)
     val_data: list[str] = dataclasses.field(default_factory=list)
@@ -83,8 +122,11 @@ class TrainConfig:
     doc_chars: int | None = 16_000
     seq_len: int = 256
     max_seq_len: int | None = None
+    carry_state: bool = False
     batch_size: int = 8
     grad_accum: int = 1
+    global_batch_size: int | None = None
+    data_parallel: str = "fsdp"
     max_steps: int = 1000
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -108,6 +150,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     save_final: bool = True
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         for name in ("train_data", "val_data"):
@@ -154,7 +197,28 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "eval_every", "seed"):
             need_int(name, 0)
         need_int("eval_batches", 1, optional=True)
+        need_int("global_batch_size", 1, optional=True)
+        if self.global_batch_size is not None and self.grad_accum != 1:
+            raise ConfigError(
+                f"TrainConfig.grad_accum ({self.grad_accum}) and global_batch_size "
+                f"({self.global_batch_size}) both set: give one (grad_accum is derived "
+                "from global_batch_size)"
+            )
+        if self.data_parallel not in ("fsdp", "ddp"):
+            raise ConfigError(
+                f"TrainConfig.data_parallel must be 'fsdp' or 'ddp', got {self.data_parallel!r}"
+            )
         need_int("num_threads", 1, optional=True)
+        need_int("lora_rank", 0)
+        need_float("lora_dropout", 0.0, 0.999)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ConfigError(f"TrainConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"TrainConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
+        try:
+            resolve_targets(self.lora_targets)
+        except ConfigError as err:
+            raise ConfigError(f"TrainConfig.lora_targets: {err}") from None
         need_int("doc_chars", 1, optional=True)
         need_float("lr", 0.0)
         need_float("min_lr", 0.0)
@@ -174,7 +238,15 @@ class TrainConfig:
                 f"TrainConfig.max_steps ({self.max_steps}): lower warmup_steps "
                 f"(e.g. warmup_steps={max(0, self.max_steps // 10)}) or raise max_steps"
             )
-        for name in ("bf16", "gradient_checkpointing", "resume", "progress", "save_final"):
+        for name in (
+            "bf16",
+            "gradient_checkpointing",
+            "resume",
+            "progress",
+            "save_final",
+            "tensorboard",
+            "carry_state",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}"
@@ -188,6 +260,25 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.device must be a string, got {self.device!r}")
         if not self.out_dir:
             raise ConfigError("TrainConfig.out_dir must be set")
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-batches per optimiser step on `world_size` processes: `grad_accum`,
+        or `global_batch_size / (batch_size * world_size)` when that is set.
+
+        Raises:
+            ConfigError: `global_batch_size` is not a multiple of batch_size x
+                world_size (all three named).
+        """
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_micro = self.batch_size * world_size
+        if self.global_batch_size % per_micro:
+            raise ConfigError(
+                f"TrainConfig.global_batch_size {self.global_batch_size} does not divide "
+                f"across {world_size} process(es) x batch_size {self.batch_size}: make it "
+                f"a multiple of {per_micro}, or change batch_size"
+            )
+        return self.global_batch_size // per_micro
 
     # ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -357,6 +448,32 @@ def model_config_from(spec: str | Mapping[str, Any]) -> GriffinConfig:
     if "block_types" in data and isinstance(data["block_types"], str):
         raise ConfigError("model config: block_types must be a list of 'recurrent'/'attention'")
     return GriffinConfig.from_dict(data)
+
+
+def check_carry_state(cfg: TrainConfig, model_config: GriffinConfig) -> None:
+    """Check that `cfg.seq_len` suits carried-state training of this model.
+
+    With `carry_state`, a query also reads the keys of the previous segments that lie
+    in its attention window, and those are detached: the attention learns only
+    through the keys of its own segment. A segment shorter than the window would cut
+    most of that gradient (a query at segment position i reads min(i, w) + 1 keys
+    with gradient of the w + 1 it attends to), so the segment must be at least one
+    window long. Models without attention blocks, and packed training, take any
+    `seq_len`.
+
+    Raises:
+        ConfigError: `carry_state` with `seq_len` < `attention_window_size` (both
+            named, with what to change).
+    """
+    window = model_config.attention_window_size
+    has_attention = BlockType.ATTENTION in model_config.block_types
+    if cfg.carry_state and has_attention and cfg.seq_len < window:
+        raise ConfigError(
+            f"TrainConfig.seq_len {cfg.seq_len} is shorter than the model's "
+            f"attention_window_size {window}: with carry_state a segment must span at "
+            f"least one attention window (the keys of earlier segments are detached); "
+            f"set seq_len >= {window}, or carry_state=false"
+        )
 
 
 # ----------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,31 +16,40 @@ import torch
 from torch import Tensor, nn
 
 from ..config import GriffinConfig, config_diff
-from ..device import resolve_device
-from ..errors import CheckpointError, ConfigError, InputError, RgemmaError
+from ..errors import ConfigError, InputError
 from ..io import atomic_path
 from .checkpoint import (
     FINAL_DIR,
-    MODEL_SUBDIR,
-    OPTIMIZER_NAME,
     TRAIN_CONFIG_NAME,
-    _load_trainer_state,
-    _set_rng_state,
+    checkpoint_model_config,
+    checkpoint_name,
     clean_incomplete,
     damaged_checkpoints,
     find_checkpoints,
     latest_checkpoint,
+    load_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, model_config_from, read_config_file
+from .config import TrainConfig, check_carry_state, model_config_from, read_config_file
+from .distributed import Dist, all_reduce_sum, barrier, distributed, local_rows
 from .evaluation import _autocast, evaluate
-from .loss import masked_loss, token_byte_lengths
-from .metrics import METRICS_NAME, truncate_metrics, write_metrics
+from .loss import token_byte_lengths
+from .metrics import MetricsLogger
+from .objective import LMObjective
 from .optim import lr_at, param_groups
+from .parallel import (
+    clip_grad_norm,
+    gather_full_state_dict,
+    grad_sync,
+    griffin_from_state_dict,
+    is_fsdp,
+    parallelize,
+    plain_model,
+)
+from .stop import StopSignals
 
-
-class TrainingDiverged(RgemmaError):
-    """The training loss became NaN or infinite (the step range is named)."""
+#: With LoRA: the adapter (PEFT format) inside the final model directory.
+FINAL_ADAPTER = "adapter"
 
 
 # ----------------------------------------------------------------------------------
@@ -51,9 +60,14 @@ def _warn(message: str) -> None:
     print(f"rgemma: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _build_data(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any]:
-    """(train PackedDataset, validation PackedDataset or None): `data.build_datasets`
-    on the config's data fields."""
+def _build_data(cfg: TrainConfig, tokenizer: Any, dist: Dist, grad_accum: int) -> tuple[Any, Any]:
+    """(train PackedDataset, or StreamDataset with `carry_state`; validation
+    PackedDataset or None): `data.build_datasets` on the config's data fields.
+
+    A packed training batch holds the rows of all ranks (`batch_size * world_size`,
+    the order of one process with that batch size); each rank takes its own with
+    `local_rows`. A `StreamDataset` is built per rank and yields this rank's rows.
+    """
     from ..data import build_datasets
 
     if not cfg.train_data:
@@ -62,11 +76,16 @@ def _build_data(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any]:
         cfg.train_data,
         tokenizer,
         cfg.seq_len,
-        cfg.batch_size,
+        cfg.batch_size if cfg.carry_state else cfg.batch_size * dist.world_size,
         val_paths=cfg.val_data,
         val_fraction=cfg.val_fraction,
         doc_chars=cfg.doc_chars,
         seed=cfg.seed,
+        carry_state=cfg.carry_state,
+        grad_accum=grad_accum,
+        world_size=dist.world_size,
+        rank=dist.rank,
+        warn=_warn,
     )
 
 
@@ -122,25 +141,28 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         dict with `step` (optimiser steps done), `tokens_seen`, `losses` (list of
         [step, loss] of every step run in this call, loss in nats per target
         token), `train_loss` (the last step's), `val_loss`, `val_ppl`, `val_bpb`
-        (last evaluation, if any), `tokens_per_s` (training throughput of this
-        call), `elapsed_s`, `out_dir`, `checkpoint` (newest checkpoint dir) and
-        `final_dir` (or None).
+        (last evaluation, if any), `out_dir`, `checkpoint` (newest checkpoint dir),
+        `final_dir` (or None), `stopped` ("SIGTERM" / "SIGINT" when a signal stopped
+        the run early: the steps done are checkpointed, no final evaluation or final
+        model; None otherwise), and this call's figures (`MetricsLogger.summary`):
+        `tokens_per_s` (training throughput: evaluation and checkpoints excluded),
+        `train_s`, `eval_s`, `checkpoint_s`, `elapsed_s`, `best_val_loss`,
+        `best_val_step`, `peak_rss_mib` (and `cuda_peak_mib` on CUDA).
 
     Raises:
         ConfigError: invalid config; a resume directory whose model config differs
             (the differing fields are named).
         InputError: bad data (empty or non-UTF-8 files, bad JSONL lines: the file
             and line are named), a data position that does not fit the data.
-        CheckpointError: an unreadable `init_from` or resume checkpoint.
+        CheckpointError: an unreadable `init_from` or resume checkpoint; a checkpoint
+            that cannot be written (a full disk: the directory and bytes needed are
+            named; the previous checkpoint stays intact).
     """
-    from ..checkpoint import load_model
     from ..tokenizer import BUNDLED_TOKENIZER_PATH, Tokenizer
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.validate()
-    device = resolve_device(cfg.device, what="TrainConfig.device", error=ConfigError)
     out_dir = Path(cfg.out_dir)
-    metrics_path = out_dir / METRICS_NAME
 
     old_threads = torch.get_num_threads()
     # Denormal floats (tiny gradients, Adam moments) slow CPU math by 10x or more;
@@ -149,19 +171,28 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # Joins the process group under torchrun and leaves it on the way out (errors
+    # included); a lone process otherwise.
+    exit_stack = contextlib.ExitStack()
     try:
+        dist = exit_stack.enter_context(distributed(cfg.device))
+        device = dist.device
+        # An optimiser step: grad_accum micro-batches of batch_size rows on each rank.
+        grad_accum = cfg.grad_accum_for(dist.world_size)
         # -- resume point -----------------------------------------------------------
         ckpt: Path | None = None
         if cfg.resume:
-            clean_incomplete(out_dir)
+            if dist.is_main:
+                clean_incomplete(out_dir)
+            barrier(dist)
             ckpt = latest_checkpoint(out_dir)
             for bad in damaged_checkpoints(out_dir):
-                if ckpt is None or bad.name > ckpt.name:
+                if dist.is_main and (ckpt is None or bad.name > ckpt.name):
                     _warn(
                         f"checkpoint {bad} is incomplete or truncated: skipped"
                         + (f", resuming from {ckpt.name}" if ckpt is not None else "")
                     )
-            if ckpt is None:
+            if ckpt is None and dist.is_main:
                 _warn(f"no checkpoint in {out_dir}: starting from scratch")
         elif find_checkpoints(out_dir):
             raise ConfigError(
@@ -172,15 +203,44 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         # -- model ------------------------------------------------------------------
         init_tok: str | None = None
         if ckpt is not None:
-            model = load_model(ckpt / MODEL_SUBDIR, dtype=torch.float32, device=device)
-            _check_resume_compatible(ckpt, cfg, model.config)
-            init_tok = getattr(model, "source", {}).get("tokenizer")
+            _check_resume_compatible(ckpt, cfg, checkpoint_model_config(ckpt))
+        if ckpt is not None and not cfg.lora_rank:
+            from ..model import Griffin
+
+            ckpt_model_cfg = checkpoint_model_config(ckpt)
+            # Left uninitialised: `load_checkpoint` below overwrites every parameter.
+            # (Under LoRA the checkpoint holds the adapters only: the frozen base is
+            # built as in a fresh run, from `init_from`.)
+            model = Griffin(ckpt_model_cfg, device="meta", dtype=torch.float32)
+            model = model.to_empty(device=device)
+            tok_file = ckpt / "tokenizer.model"
+            init_tok = str(tok_file) if tok_file.is_file() else None
         else:
             model, init_tok = _build_model(cfg, device)
         model_cfg: GriffinConfig = model.config
         model.train()
         model.requires_grad_(True)  # `load_model` returns a frozen (inference) model
-        model.gradient_checkpointing = cfg.gradient_checkpointing
+        base_fp: str | None = None  # under LoRA: which frozen base the adapters are for
+        if cfg.lora_rank:
+            from ..lora import apply_lora, base_fingerprint
+
+            # Before sharding: adapters on the full modules, the base frozen (only the
+            # adapters reach the optimizer and the checkpoints). Drawn from the seed,
+            # so every rank starts from the same adapters.
+            torch.manual_seed(cfg.seed)
+            apply_lora(
+                model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets), cfg.lora_dropout
+            )
+            base_fp = base_fingerprint(model)  # the full weights: before sharding
+        # What the step calls: trunk, tied head and loss in one forward, with
+        # activation checkpointing and FSDP2 / DDP applied from outside (in place:
+        # under FSDP2 `model`'s parameters become this rank's shards).
+        module = parallelize(
+            LMObjective(model),
+            mode=cfg.data_parallel,
+            activation_checkpointing=cfg.gradient_checkpointing,
+            dist=dist,
+        )
 
         # -- tokenizer and data -----------------------------------------------------
         tok_path = cfg.tokenizer or init_tok or str(BUNDLED_TOKENIZER_PATH)
@@ -190,7 +250,8 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
                 f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces but the model's "
                 f"vocab_size is {model_cfg.vocab_size}"
             )
-        train_set, val_set = _build_data(cfg, tokenizer)
+        check_carry_state(cfg, model_cfg)
+        train_set, val_set = _build_data(cfg, tokenizer, dist, grad_accum)
         byte_lengths = token_byte_lengths(tokenizer)
 
         # -- optimiser --------------------------------------------------------------
@@ -205,31 +266,30 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
 
         step, tokens_seen = 0, 0
         if ckpt is not None:
-            state = _load_trainer_state(ckpt)
-            try:
-                opt_state = torch.load(
-                    ckpt / OPTIMIZER_NAME, map_location=device, weights_only=True
-                )
-                optimizer.load_state_dict(opt_state)
-            except Exception as err:  # noqa: BLE001
-                raise CheckpointError(f"cannot restore {ckpt / OPTIMIZER_NAME}: {err}") from None
+            # Model, optimizer and this rank's RNGs (resharded onto this run by DCP).
+            state = load_checkpoint(
+                ckpt,
+                model=model,
+                optimizer=optimizer,
+                device=device,
+                seed=cfg.seed,
+                base_fingerprint=base_fp,
+            )
             try:
                 train_set.load_state_dict(state["data"])
             except InputError as err:
                 raise InputError(f"cannot resume from {ckpt}: {err}") from None
             step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-            _set_rng_state(state["rng"], device)
-            truncate_metrics(metrics_path, step)
         else:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
-            clean_incomplete(out_dir)
-            with contextlib.suppress(FileNotFoundError):
-                metrics_path.unlink()  # of an earlier attempt that saved no checkpoint
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_dir / TRAIN_CONFIG_NAME) as tmp:
-            Path(tmp).write_text(cfg.to_json() + "\n", encoding="utf-8")
+            if dist.is_main:
+                clean_incomplete(out_dir)
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out_dir / TRAIN_CONFIG_NAME) as tmp:
+                Path(tmp).write_text(cfg.to_json() + "\n", encoding="utf-8")
 
         start_record = {
             "event": "start" if ckpt is None else "resume",
@@ -240,25 +300,45 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
             "val_tokens": val_set.num_tokens if val_set is not None else 0,
             "device": str(device),
             "threads": torch.get_num_threads(),
+            "world_size": dist.world_size,
+            "data_parallel": cfg.data_parallel if dist.is_distributed else None,
+            "global_batch_size": cfg.batch_size * dist.world_size * grad_accum,
+            "grad_accum": grad_accum,
         }
-        write_metrics(metrics_path, start_record)
+        logger = MetricsLogger(  # truncates metrics.jsonl to the checkpoint's step
+            out_dir,
+            total_steps=cfg.max_steps,
+            start_step=step,
+            tokens_seen=tokens_seen,
+            log_every=cfg.log_every,
+            resume=ckpt is not None,
+            progress=cfg.progress,
+            tensorboard=cfg.tensorboard,
+            device=device,
+            is_main=dist.is_main,
+        )
+        logger.write(start_record)
 
         result = _loop(
             cfg,
             model,
+            module,
             optimizer,
             train_set,
             val_set,
             byte_lengths,
-            device,
+            dist,
+            grad_accum,
             step,
             tokens_seen,
             tok_path,
-            metrics_path,
+            logger,
             ckpt,
+            base_fp,
         )
         return result
     finally:
+        exit_stack.close()
         torch.set_num_threads(old_threads)
         torch.set_flush_denormal(False)
 
@@ -266,94 +346,61 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
 def _loop(
     cfg: TrainConfig,
     model: nn.Module,
+    module: nn.Module,
     optimizer: torch.optim.Optimizer,
     train_set: Any,
     val_set: Any,
     byte_lengths: Tensor,
-    device: torch.device,
+    dist: Dist,
+    grad_accum: int,
     step: int,
     tokens_seen: int,
     tok_path: str,
-    metrics_path: Path,
+    logger: MetricsLogger,
     ckpt: Path | None,
+    base_fp: str | None,
 ) -> dict[str, Any]:
-    """The optimisation loop from `step` to `cfg.max_steps` (see `train`)."""
-    from tqdm import tqdm
+    """The optimisation loop from `step` to `cfg.max_steps` (see `train`).
 
+    `model` is the `Griffin` (its parameters sharded under FSDP2), `module` what
+    `parallelize` made of its `LMObjective`: the step calls `module`. `base_fp`: under
+    LoRA the base's fingerprint, recorded in every checkpoint. SIGTERM or SIGINT ends
+    the loop after the current step, with a checkpoint of it (`training.stop`).
+    """
     out_dir = Path(cfg.out_dir)
+    device = dist.device
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    losses: list[list[float]] = []
-    pending: list[tuple[int, Tensor, Tensor, float]] = []  # (step, loss, grad norm, lr)
+    tokens_per_step = cfg.batch_size * dist.world_size * grad_accum * cfg.seq_len  # all ranks
     last_eval: dict[str, float] = {}
     last_ckpt = ckpt
     start_step = step
-    t_start = time.perf_counter()
-    train_time = 0.0  # seconds spent in training steps (no evaluation, no checkpointing)
-    time_at_log, tokens_at_log = train_time, tokens_seen
 
+    @logger.timed("eval")  # evaluation time is not training time
     def do_eval() -> None:
         nonlocal last_eval
         if val_set is None:
             return
-        t0 = time.perf_counter()
         budget = cfg.eval_batches
-        last_eval = evaluate(
-            model,
-            val_set,
-            max_tokens=None if budget is None else budget * cfg.batch_size * cfg.seq_len,
-            byte_lengths=byte_lengths,
-            chunk_size=cfg.seq_len,
-            batch_size=cfg.batch_size,
-            bf16=cfg.bf16,
-        )
-        record = {
-            "event": "eval",
-            "step": step,
-            **last_eval,
-            "eval_s": round(time.perf_counter() - t0, 3),
-        }
-        write_metrics(metrics_path, record)
-        bar.write(
-            f"step {step}: val_loss {last_eval['val_loss']:.4f} "
-            f"ppl {last_eval['val_ppl']:.2f}"
-            + (f" bpb {last_eval['val_bpb']:.4f}" if "val_bpb" in last_eval else "")
-        )
-
-    def flush_logs() -> None:
-        nonlocal time_at_log, tokens_at_log
-        if not pending:
-            return
-        now = time.perf_counter()
-        vals = torch.stack([p[1] for p in pending]).tolist()
-        norms = torch.stack([p[2] for p in pending]).tolist()
-        for (s, _, _, _), v in zip(pending, vals):
-            losses.append([s, v])
-        if not all(math.isfinite(v) for v in vals):
-            raise TrainingDiverged(
-                f"training loss is not finite at step {pending[0][0]}..{pending[-1][0]}: "
-                f"{vals}; lower lr, or enable grad_clip"
+        rows = cfg.batch_size * dist.world_size
+        # Every rank scores the same documents, with the figures of one process:
+        # under FSDP2 the forward all-gathers parameters, so all ranks must make the
+        # same calls. Rank 0 logs.
+        with plain_model(module) as eval_model:
+            last_eval = evaluate(
+                eval_model,
+                val_set,
+                max_tokens=None if budget is None else budget * rows * cfg.seq_len,
+                byte_lengths=byte_lengths,
+                chunk_size=cfg.seq_len,
+                batch_size=cfg.batch_size,
+                bf16=cfg.bf16,
             )
-        tok_s = (tokens_seen - tokens_at_log) / max(train_time - time_at_log, 1e-9)
-        record = {
-            "event": "train",
-            "step": pending[-1][0],
-            "loss": vals[-1],
-            "loss_avg": sum(vals) / len(vals),
-            "grad_norm": norms[-1],
-            "lr": pending[-1][3],
-            "tokens_seen": tokens_seen,
-            "tokens_per_s": round(tok_s, 1),
-            "elapsed_s": round(now - t_start, 3),
-        }
-        write_metrics(metrics_path, record)
-        bar.set_postfix(loss=f"{vals[-1]:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
-        pending.clear()
-        time_at_log, tokens_at_log = train_time, tokens_seen
+        logger.log_eval(step, last_eval)
 
+    @logger.timed("checkpoint")  # nor is checkpointing
     def do_save() -> None:
         nonlocal last_ckpt
-        flush_logs()
+        logger.flush()
         last_ckpt = save_checkpoint(
             out_dir,
             step,
@@ -365,84 +412,144 @@ def _loop(
             tokenizer_path=tok_path,
             device=device,
             extra={"val": last_eval} if last_eval else None,
+            previous=last_ckpt,
+            base_fingerprint=base_fp,
         )
+        logger.log_checkpoint(step, last_ckpt)
 
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        disable=not (cfg.progress and sys.stderr.isatty()),
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    # SIGTERM / SIGINT: finish the step, save it, return (`training.stop`).
+    stop, stopped = StopSignals(), None
     data_iter = iter(train_set)
     try:
+        stop.install()
         while step < cfg.max_steps:
-            t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [next(data_iter) for _ in range(cfg.grad_accum)]
-            # Normalise by the number of target tokens of the whole step, so the
-            # gradient is that of the mean loss over all of them (sum / count).
-            count = sum(b.loss_mask.sum() for b in micro).to(device).clamp(min=1.0)
+            micro = [next(data_iter) for _ in range(grad_accum)]
+            if not cfg.carry_state:  # packed batches hold every rank's rows
+                micro = [local_rows(b, dist) for b in micro]
+            # Normalise by the number of target tokens of the whole step on all ranks,
+            # so the gradient is that of the global mean loss (sum / count). DDP and
+            # FSDP2 average gradients over ranks: scaling each rank's loss by
+            # world_size (exact for a power of two) turns that into sum / count.
+            count = sum(b.loss_mask.sum() for b in micro).to(device)
+            count = all_reduce_sum(count, dist).clamp(min=1.0)
+            scale = dist.world_size / count
             step_loss = torch.zeros((), device=device)
-            for b in micro:
-                with _autocast(cfg, device):
-                    logits, _ = model(b.tokens.to(device), b.segment_pos.to(device), validate=False)
-                nll_sum, _ = masked_loss(logits, b.targets.to(device), b.loss_mask.to(device))
-                loss = nll_sum / count
-                loss.backward()
-                step_loss += loss.detach()
-                del logits, loss
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-            else:  # an infinite max norm measures without clipping (factor exactly 1)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf, foreach=True)
+            for j, b in enumerate(micro):
+                # carry_state: continue each stream from where its last segment ended.
+                state = train_set.carried_state(j, device) if cfg.carry_state else None
+                # DDP all-reduces after the last micro-batch only; FSDP2 reduce-scatters
+                # each one (accumulating unsharded gradients would cost a full copy).
+                with grad_sync(module, j == len(micro) - 1), _autocast(cfg, device):
+                    nll_sum, new_state = module(
+                        b.tokens.to(device),
+                        b.segment_pos.to(device),
+                        b.targets.to(device),
+                        b.loss_mask.to(device),
+                        state,
+                    )
+                if cfg.carry_state:
+                    train_set.set_carried_state(j, new_state)  # detached
+                (nll_sum * scale).backward()
+                step_loss += nll_sum.detach() / count
+                del nll_sum, new_state
+            all_reduce_sum(step_loss, dist)  # the global mean loss, logged by rank 0
+            # The norm of the whole gradient (every shard under FSDP2) before clipping;
+            # an infinite max norm measures without clipping (factor exactly 1).
+            grad_norm = clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
-            train_time += time.perf_counter() - t0
-            pending.append((step, step_loss, grad_norm.detach(), lr))
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                flush_logs()
-            bar.update(1)
+            logger.log_step(step, step_loss, grad_norm, lr, tokens_seen)  # syncs every log_every
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 do_eval()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 do_save()
-        flush_logs()
-        if step > start_step or not last_eval:
-            do_eval()
-        if last_ckpt is None or step > start_step:
-            do_save()
+            stopped = stop.agreed(device)  # the same answer on every rank
+            if stopped is not None:
+                break
+        logger.flush()
+        if stopped is not None:  # keep the steps done, skip the end-of-run work
+            if last_ckpt is None or last_ckpt.name != checkpoint_name(step):
+                do_save()
+        else:
+            if step > start_step or not last_eval:
+                do_eval()
+            if last_ckpt is None or step > start_step:
+                do_save()
     finally:
-        bar.close()
+        stop.restore()
+        logger.close()
 
     final_dir = None
-    if cfg.save_final:
-        from ..checkpoint import save_model
-
-        final_dir = save_model(model, out_dir / FINAL_DIR, tokenizer_path=tok_path)
-    elapsed = time.perf_counter() - t_start
-    trained_tokens = (step - start_step) * tokens_per_step
+    if cfg.save_final and stopped is None:
+        with logger.timed("checkpoint"):
+            final_dir = _save_final(cfg, model, module, out_dir / FINAL_DIR, tok_path, dist)
     result = {
         "step": step,
         "tokens_seen": tokens_seen,
-        "losses": losses,
-        "train_loss": losses[-1][1] if losses else None,
+        "losses": logger.losses,
+        "train_loss": logger.losses[-1][1] if logger.losses else None,
         "val_loss": last_eval.get("val_loss"),
         "val_ppl": last_eval.get("val_ppl"),
         "val_bpb": last_eval.get("val_bpb"),
-        "tokens_per_s": trained_tokens / train_time if train_time > 0 else None,
-        "elapsed_s": elapsed,
         "out_dir": str(out_dir),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "final_dir": str(final_dir) if final_dir else None,
+        "stopped": stopped.name if stopped is not None else None,
     }
-    write_metrics(
-        metrics_path, {"event": "end", **{k: v for k, v in result.items() if k != "losses"}}
-    )
+    result.update(logger.finish(result))  # the end record, summary and plot
+    if stopped is not None and dist.is_main:
+        print(
+            f"rgemma: stopped by {stopped.name} after step {step}: checkpoint {last_ckpt}; "
+            "continue with --resume",
+            file=sys.stderr,
+            flush=True,
+        )
     return result
+
+
+def _save_final(
+    cfg: TrainConfig, model: nn.Module, module: nn.Module, path: Path, tok_path: str, dist: Dist
+) -> Path | None:
+    """Write the trained model as a normal rgemma model directory (`save_model`) from
+    rank 0; returns its path there, None on the other ranks. Under FSDP2 the full
+    state_dict is gathered first (a collective: every rank calls this).
+
+    With LoRA, the adapter goes to `path/adapter` in PEFT's format (`save_adapter`;
+    not for adapters on the RG-LRU gates, which PEFT cannot express) and `path`
+    holds the model with the adapter merged in. The training model is merged in
+    place: call this last.
+    """
+    from ..checkpoint import save_model
+
+    if is_fsdp(module):
+        state = gather_full_state_dict(module, dist)
+        if dist.is_main:
+            lora = (cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets), cfg.lora_dropout)
+            model = griffin_from_state_dict(
+                model.config, state, lora=lora if cfg.lora_rank else None
+            )
+    final_dir = None
+    if dist.is_main:
+        adapter_tmp = None
+        if cfg.lora_rank:
+            from ..lora import GATE_TARGETS, merge_lora, save_adapter
+
+            if set(cfg.lora_targets) & set(GATE_TARGETS):
+                _warn(
+                    f"LoRA on the RG-LRU gates has no PEFT format: {path} holds the merged "
+                    "model only (no adapter directory)"
+                )
+            else:  # written beside, moved in once the merged model is in place
+                adapter_tmp = path.parent / f".{path.name}-{FINAL_ADAPTER}"
+                save_adapter(model, adapter_tmp, base_model=cfg.init_from)
+            merge_lora(model)
+        final_dir = save_model(model, path, tokenizer_path=tok_path)
+        if adapter_tmp is not None:
+            os.replace(adapter_tmp, final_dir / FINAL_ADAPTER)
+    barrier(dist)  # the directory is complete for every rank after this
+    return final_dir

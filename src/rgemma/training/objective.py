@@ -15,8 +15,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..model import Griffin
+from ..ops import linear_cross_entropy
 from ..state import GriffinState
-from .loss import masked_loss
 
 
 class LMObjective(nn.Module):
@@ -47,9 +47,10 @@ class LMObjective(nn.Module):
         Returns: (sum of masked NLLs in nats, float32 scalar; new state).
         """
         h, new_state = self.model.hidden(tokens, segment_pos, state, validate=False)
-        logits = self.model.embedder.decode(h).float()  # (b, t, v)
+        # The head and the loss fused and chunked over rows: no (b, t, v) logits exist
+        # (`ops.linear_cross_entropy`; `training.loss.masked_loss` over the model's
+        # logits is its reference).
+        embedding = self.model.embedder.input_embedding  # (v, d), tied
         cap = self.model.config.logits_soft_cap
-        if cap is not None:
-            logits = (logits / cap).tanh() * cap
-        nll_sum, _ = masked_loss(logits, targets, loss_mask)
+        nll_sum = linear_cross_entropy(h, embedding, targets, loss_mask, cap)
         return nll_sum, new_state
