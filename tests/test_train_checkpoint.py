@@ -594,3 +594,21 @@ def test_sigkill_in_a_checkpoint_then_resume_on_one_and_on_two_processes(tmp_pat
     reference = train(dict(cfg, batch_size=4, max_steps=stopped_at, out_dir=str(tmp_path / "ref")))
     assert max(abs(logged[s] - v) for s, v in reference["losses"]) < 1e-5
     assert max(abs(v - logged[s]) for s, v in one["losses"]) == 0  # logged as returned
+
+
+def test_a_repeated_sigterm_still_saves_but_a_second_ctrl_c_stops_at_once():
+    """torchrun sends each worker SIGTERM twice within milliseconds: the second must
+    not turn the checkpointed stop into an immediate one (a second Ctrl-C does)."""
+    import signal as sig
+
+    from rgemma.training.stop import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), sig.SIGTERM)
+        os.kill(os.getpid(), sig.SIGTERM)  # ignored
+        assert stop.received == sig.SIGTERM
+    with StopSignals() as stop:
+        os.kill(os.getpid(), sig.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), sig.SIGINT)
+        assert stop.received == sig.SIGINT

@@ -310,3 +310,23 @@ def test_init_distributed_one_process_and_missing_rendezvous():
         init_distributed("cpu", env={"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(ConfigError, match="TrainConfig.device"):
         init_distributed("cuda:7" if not torch.cuda.is_available() else "meta", env={})
+
+
+def test_ranks_with_different_configs_fail_at_start_instead_of_hanging(monkeypatch):
+    """Every rank compares its config with the others' (all_gather_object) before any
+    training collective, so mismatched launches name the fields instead of waiting."""
+    import rgemma.training.distributed as D
+    from rgemma.errors import ConfigError
+
+    mine = {"batch_size": 2, "lr": 0.01, "out_dir": "o"}
+    theirs = {"batch_size": 4, "lr": 0.01, "out_dir": "o"}
+
+    def gather(out, obj):
+        out[:] = [obj, theirs]
+
+    monkeypatch.setattr(D.tdist, "all_gather_object", gather)
+    two = D.Dist(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"batch_size \(2 on rank 0, 4 on rank 1\)"):
+        D.check_same_config(mine, two)
+    D.check_same_config(theirs, two)  # equal: no error
+    D.check_same_config(mine, D.Dist(0, 1, 0, torch.device("cpu")))  # one process: no call

@@ -295,7 +295,9 @@ def data_files(paths: PathLike | Sequence[PathLike], what: str = "data") -> list
 
 
 def read_documents(
-    paths: PathLike | Sequence[PathLike], doc_chars: int | None = DEFAULT_DOC_CHARS
+    paths: PathLike | Sequence[PathLike],
+    doc_chars: int | None = DEFAULT_DOC_CHARS,
+    what: str = "training data",
 ) -> list[Document]:
     """Read every document under `paths`, in a deterministic order.
 
@@ -305,6 +307,7 @@ def read_documents(
             is UTF-8 plain text.
         doc_chars: longest plain-text document in characters (`split_text`);
             None for one document per text file. JSONL records are never cut.
+        what: what the paths are, for error messages ("validation data").
 
     Returns:
         the documents, file by file.
@@ -314,7 +317,7 @@ def read_documents(
             file is empty, not UTF-8 or bad JSONL (the message names the file,
             and the line or byte offset).
     """
-    files = data_files(paths, what="training data")
+    files = data_files(paths, what=what)
     docs: list[Document] = []
     for f in files:
         if f.suffix == ".jsonl":
@@ -1215,7 +1218,9 @@ def build_datasets(
     """
     train_docs = read_documents(expand_paths(paths, "train_data"), doc_chars)
     if val_paths:
-        val_docs = read_documents(expand_paths(val_paths, "val_data"), doc_chars)
+        val_docs = read_documents(
+            expand_paths(val_paths, "val_data"), doc_chars, what="validation data"
+        )
     else:
         train_docs, val_docs = split_documents(train_docs, val_fraction)
     tokenized = tokenize_documents(train_docs, tokenizer)

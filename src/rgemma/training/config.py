@@ -219,6 +219,21 @@ class TrainConfig:
             resolve_targets(self.lora_targets)
         except ConfigError as err:
             raise ConfigError(f"TrainConfig.lora_targets: {err}") from None
+        if not self.lora_rank:
+            unused = [
+                name
+                for name, default in (
+                    ("lora_targets", list(LORA_TARGETS)),
+                    ("lora_alpha", 16.0),
+                    ("lora_dropout", 0.0),
+                )
+                if getattr(self, name) != default
+            ]
+            if unused:
+                raise ConfigError(
+                    f"TrainConfig.{unused[0]} is set but lora_rank is 0 (a full fine-tune, "
+                    "no adapters): set lora_rank (--lora-rank R) to train LoRA adapters"
+                )
         need_int("doc_chars", 1, optional=True)
         need_float("lr", 0.0)
         need_float("min_lr", 0.0)

@@ -182,6 +182,38 @@ def barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
+def check_same_config(config: Mapping[str, object], dist: Dist) -> None:
+    """Raise on every rank unless all ranks run the same train config (one
+    all_gather_object). Ranks with different batch sizes, data or step counts would
+    wait forever on each other's collectives; this names the difference instead.
+
+    Args:
+        config: this rank's `TrainConfig.to_dict()`.
+        dist: this process's `Dist`.
+
+    Raises:
+        ConfigError: naming the first rank that differs from rank 0 and the fields
+            (with both values).
+    """
+    if not dist.is_distributed:
+        return
+    configs: list[object] = [None] * dist.world_size
+    tdist.all_gather_object(configs, dict(config))
+    ref = configs[0]
+    for rank, other in enumerate(configs[1:], start=1):
+        if other != ref:
+            keys = sorted(set(ref) | set(other))  # type: ignore[arg-type]
+            diffs = [
+                f"{k} ({ref.get(k)!r} on rank 0, {other.get(k)!r} on rank {rank})"  # type: ignore[union-attr]
+                for k in keys
+                if ref.get(k) != other.get(k)  # type: ignore[union-attr]
+            ]
+            raise ConfigError(
+                f"the processes run different train configs: {'; '.join(diffs)}; "
+                "start every rank with the same config and overrides"
+            )
+
+
 def local_rows(batch: T, dist: Dist) -> T:
     """This rank's rows of a batch that holds every rank's: rows
     `[rank * b, (rank + 1) * b)`, `b = rows / world_size`.

@@ -31,7 +31,14 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, check_carry_state, model_config_from, read_config_file
-from .distributed import Dist, all_reduce_sum, barrier, distributed, local_rows
+from .distributed import (
+    Dist,
+    all_reduce_sum,
+    barrier,
+    check_same_config,
+    distributed,
+    local_rows,
+)
 from .evaluation import _autocast, evaluate
 from .loss import token_byte_lengths
 from .metrics import MetricsLogger
@@ -177,6 +184,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     try:
         dist = exit_stack.enter_context(distributed(cfg.device))
         device = dist.device
+        check_same_config(cfg.to_dict(), dist)  # else mismatched collectives would hang
         # An optimiser step: grad_accum micro-batches of batch_size rows on each rank.
         grad_accum = cfg.grad_accum_for(dist.world_size)
         # -- resume point -----------------------------------------------------------
@@ -232,6 +240,11 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
                 model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets), cfg.lora_dropout
             )
             base_fp = base_fingerprint(model)  # the full weights: before sharding
+            if cfg.init_from is None and ckpt is None and dist.is_main:
+                _warn(
+                    "LoRA without init_from: the adapters train on a frozen, randomly "
+                    "initialised base; set init_from to fine-tune a trained model"
+                )
         # What the step calls: trunk, tied head and loss in one forward, with
         # activation checkpointing and FSDP2 / DDP applied from outside (in place:
         # under FSDP2 `model`'s parameters become this rank's shards).
@@ -287,9 +300,17 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
             if dist.is_main:
                 clean_incomplete(out_dir)
         if dist.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(out_dir / TRAIN_CONFIG_NAME) as tmp:
-                Path(tmp).write_text(cfg.to_json() + "\n", encoding="utf-8")
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                with atomic_path(out_dir / TRAIN_CONFIG_NAME) as tmp:
+                    Path(tmp).write_text(cfg.to_json() + "\n", encoding="utf-8")
+            except OSError as err:
+                raise ConfigError(
+                    f"cannot write to the output directory {out_dir}: "
+                    f"{err.strerror or err} (choose another with --out)"
+                ) from None
+            if ckpt is not None:
+                print(f"rgemma: resuming from {ckpt} (step {step})", file=sys.stderr, flush=True)
 
         start_record = {
             "event": "start" if ckpt is None else "resume",
@@ -501,6 +522,9 @@ def _loop(
         "final_dir": str(final_dir) if final_dir else None,
         "stopped": stopped.name if stopped is not None else None,
     }
+    # Denormals back on before the plot: numpy (under matplotlib) warns that the
+    # smallest subnormal is zero when they are flushed.
+    torch.set_flush_denormal(False)
     result.update(logger.finish(result))  # the end record, summary and plot
     if stopped is not None and dist.is_main:
         print(

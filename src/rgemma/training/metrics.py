@@ -67,9 +67,24 @@ class TrainingDiverged(RgemmaError):
 # The metrics file
 # ----------------------------------------------------------------------------------
 def write_metrics(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one record (a JSON object on one line) to `path`."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one record (a JSON object on one line) to `path`.
+
+    If the run directory was deleted while training, it is made again with a warning
+    (the records before are lost, the training is not)."""
+    line = json.dumps(record) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+    except FileNotFoundError:
+        print(
+            f"rgemma: warning: {path.parent} was deleted during the run: made it again "
+            "(earlier metrics are lost)",
+            file=sys.stderr,
+            flush=True,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -5,7 +5,7 @@ The handlers set a flag and write one line to stderr with a raw `os.write` (a
 signal can land inside a `print`, whose buffer is not reentrant). The loop reads it once per optimiser step with `StopSignals.agreed`, which takes the
 largest request over all ranks (one all-reduce), so every rank stops after the same
 step and writes its part of the same checkpoint even when only one of them got the
-signal. A second signal while stopping raises `KeyboardInterrupt` at once: the
+signal. A second SIGINT (Ctrl-C) while stopping raises `KeyboardInterrupt` at once: the
 checkpoint being written, if any, is discarded (its temporary directory removed,
 see `training.checkpoint`), and the previous one stays the newest.
 
@@ -68,14 +68,21 @@ class StopSignals:
         self.restore()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # the second one: stop now, save nothing more
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum)
+        sig = signal.Signals(signum)
+        if self.received is not None:
+            # A second Ctrl-C: stop now, save nothing more. A repeated SIGTERM is not
+            # a person insisting: torchrun sends its workers SIGTERM twice within
+            # milliseconds, then SIGKILL after its grace period, so it is ignored.
+            if sig == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.received = sig
         if os.environ.get("RANK", "0") == "0":  # one line per job, not per rank
+            again = " (Ctrl-C again stops at once, without one)" if sig == signal.SIGINT else ""
             os.write(
                 2,
-                f"rgemma: {self.received.name} received: stopping after this step with a "
-                f"checkpoint (send it again to stop at once, without one)\n".encode(),
+                f"rgemma: {sig.name} received: stopping after this step with a "
+                f"checkpoint{again}\n".encode(),
             )
 
     def agreed(self, device: torch.device) -> signal.Signals | None:
