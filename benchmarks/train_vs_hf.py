@@ -201,10 +201,12 @@ def _status_kib(field: str) -> int:
 
 def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: build one implementation, warm up, then the peak resident
-    memory of one step (bytes) and the resident memory before it."""
+    memory of one step (bytes), the resident memory before it and before the model
+    (the libraries alone)."""
     import transformers  # noqa: F401  (both processes carry the same libraries)
 
     torch.set_num_threads(args["threads"])
+    libraries = _status_kib("VmRSS")
     shape = SHAPES[args["shape"]]
     trainer = Trainer(args["impl"], shape.config(args["layers"]), shape, args["dtype"], 0)
     trainer.step()
@@ -212,7 +214,11 @@ def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
     before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     trainer.step()
-    return {"rss_before": before * 1024, "peak": _status_kib("VmHWM") * 1024}
+    return {
+        "rss_libraries": libraries * 1024,  # the interpreter, torch, transformers
+        "rss_before": before * 1024,
+        "peak": _status_kib("VmHWM") * 1024,
+    }
 
 
 def measure_memory(impl: str, dtype: str, shape: str, layers: int, threads: int) -> dict:

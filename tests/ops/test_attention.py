@@ -57,9 +57,9 @@ def _run(fn, inputs):
 @pytest.mark.parametrize("kind", ["packed", "left_pad", "right_pad", "inner_pad"])
 def test_blocked_equals_reference(dtype, t, ring, kind, monkeypatch, assert_close):
     """Blocks of 4 queries (so spans start and stop inside the window, documents and
-    padding), every block run as SDPA over its span: outputs and gradients of q, k, v."""
+    padding), every block the reference over its span: outputs and gradients of q, k,
+    v."""
     monkeypatch.setattr(attn, "QUERY_BLOCK", 4)
-    monkeypatch.setattr(attn, "MIN_QUERIES", 0)
     inputs = _attention_case(t, ring, dtype, torch.Generator().manual_seed(t), kind)
     out_ref, grads_ref = _run(attn.local_attention_ref, inputs)
     out, grads = _run(attn.local_attention_blocked, inputs)
@@ -70,18 +70,17 @@ def test_blocked_equals_reference(dtype, t, ring, kind, monkeypatch, assert_clos
 
 
 def test_blocked_skips_keys_outside_each_block_span(monkeypatch):
-    """From a fresh state with packed documents each SDPA call gets only the keys its
-    block can see: fewer than half of the (query, key) pairs of one dense call."""
+    """From a fresh state with packed documents each block gets only the keys it can
+    see: fewer than half of the (query, key) pairs of one dense call."""
     monkeypatch.setattr(attn, "QUERY_BLOCK", 8)
-    monkeypatch.setattr(attn, "MIN_QUERIES", 0)
     pairs = []
-    real = attn.F.scaled_dot_product_attention
+    real = attn.local_attention_ref
 
-    def spy(q, k, *args, **kwargs):
-        pairs.append(q.shape[2] * k.shape[2])
-        return real(q, k, *args, **kwargs)
+    def spy(q, k, *args):
+        pairs.append(q.shape[1] * k.shape[1])
+        return real(q, k, *args)
 
-    monkeypatch.setattr(attn.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attn, "local_attention_ref", spy)
     inputs = _attention_case(64, 0, torch.float32, torch.Generator().manual_seed(0), window=16)
     attn.local_attention_blocked(*inputs)
     assert len(pairs) == 8 and sum(pairs) < 0.5 * 64 * 64

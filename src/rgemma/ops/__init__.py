@@ -90,12 +90,12 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
 }
 
 #: What "auto" runs per device type; a type not listed takes "cuda"'s entry.
-#: attention is "blocked" on CPU: SDPA per block of 128 queries over only the keys
-#: the block's mask reaches, 2-4x the reference's speed from 1,024 queries (training
-#: forward + backward from a fresh state, packed documents; a prompt continuing a full
-#: 2,048-key window 2x); below 512 queries it runs the reference, which was as fast
-#: or faster there in bfloat16 (ops/attention.py `MIN_QUERIES`).
-#: On CUDA attention is "fused" (SDPA's memory-efficient kernel with the exact mask),
+#: attention is "blocked" on CPU: the reference per block of 128 queries over only
+#: the keys the block's mask reaches; from 1,024 queries 1.5-2.8x the reference's
+#: speed (a fresh prefill or training step, one document per row or packed; a prompt
+#: continuing a full 2,048-key window 2x), within noise of it below (the
+#: `train_vs_hf.py --ops` and ops/attention.py measurements). On CUDA attention is
+#: "fused" (SDPA's memory-efficient kernel with the exact mask),
 #: and scan and conv1d are "triton" wherever `rgemma.ops.triton` imports.
 AUTO: dict[str, dict[str, str]] = {
     "cpu": {

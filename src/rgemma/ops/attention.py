@@ -13,9 +13,9 @@ counterpart: `recurrentgemma.torch.modules.LocalAttentionBlock.forward`.
   mask, the t * h queries as one head over the single key/value head.
 * `local_attention_fused`: one SDPA call, queries (b, h, t, hd) over the key/value
   head broadcast to every head, the mask broadcast across heads (CUDA's choice).
-* `local_attention_blocked`: SDPA per block of `QUERY_BLOCK` queries over only the
-  span of keys the block's mask reaches (causal, same document, window): from a
-  fresh state with packed documents most key blocks are skipped (CPU's choice).
+* `local_attention_blocked`: the reference per block of `QUERY_BLOCK` queries over
+  only the span of keys the block's mask reaches (causal, same document, window):
+  from a fresh state most keys are skipped (CPU's choice).
 
 Both take q (b, t, h, hd) pre-scaled by hd^-0.5; k, v (b, s, hd); q_pos, q_doc (b, t);
 k_pos, k_doc (b, s) int; and return (b, t, h, hd) in v's dtype.
@@ -124,15 +124,8 @@ def local_attention_fused(
 
 
 #: Queries per block of `local_attention_blocked`. Measured at 1,024 queries, 4 heads
-#: of 128, four documents per row, one core, forward + backward: 128 within 5-15% of
-#: 256, both 2.5-4x faster than the reference.
+#: of 128, one core, forward + backward: 128 within 5-15% of 256.
 QUERY_BLOCK = 128
-#: Fewer queries than this run `local_attention_ref` (one call): with few blocks little
-#: is skipped, and the reference's bfloat16 matmuls beat SDPA's CPU kernel there
-#: (measured, 1 core: 256 queries 0.7-0.8x of the reference in bfloat16, 64-128
-#: queries against a full 2,048-key window 0.5-0.9x; from 1,024 queries 1.1-4x
-#: faster, forward or forward + backward, float32 or bfloat16).
-MIN_QUERIES = 512
 
 
 def local_attention_blocked(
@@ -146,51 +139,52 @@ def local_attention_blocked(
     window: int,
     self_offset: int,
 ) -> Tensor:
-    """`local_attention_ref` as fused SDPA calls per block of queries, each over the
-    span of keys its mask can reach (same arguments and returns); below
-    `MIN_QUERIES` queries, the reference itself.
+    """`local_attention_ref` per block of `QUERY_BLOCK` queries, each over only the
+    span of keys its mask reaches (same arguments and returns).
 
-    The mask (`local_attention_mask`, exact) is built once; for each block of
-    `QUERY_BLOCK` queries the first and last key any of its queries sees in any row
-    bound the keys it is given (found for all blocks at once: one host sync per
-    call). Keys outside the span are masked for every query of the block, so the
-    result is the reference's up to SDPA's float32 accumulation order; the work
-    skipped is the causal upper triangle, keys of earlier documents and keys beyond
-    the window. Queries as (b, h, c, hd) over the key/value head broadcast to every
-    head (a stride-0 view), the block's mask broadcast across heads; autograd
-    differentiates each call (the CPU flash kernel's backward).
+    The mask (`local_attention_mask`) is built once to find, for every block, the
+    first and last key any of its queries sees in any row (one host sync per call);
+    the block then runs the reference on those keys alone. Keys outside a span are
+    masked for all of the block's queries, so each output is the reference's softmax
+    over the same visible keys (float32 sums in another order). What is skipped: the
+    causal upper triangle, keys of earlier documents, keys beyond the window. From a
+    fresh state (a training step) that is about half the work for one document per
+    row and three quarters for four; a prompt continuing a full window skips little.
+    The reference's matmuls stay (SDPA's CPU kernel was as fast in float32 and up to
+    1.8x slower in bfloat16 on the same spans).
 
     Returns:
         (b, t, h, hd) in v's dtype.
     """
-    b, t, h, hd = q.shape
-    if t < MIN_QUERIES:
+    t, s = q.shape[1], k.shape[1]
+    if t <= QUERY_BLOCK:
         return local_attention_ref(q, k, v, q_pos, k_pos, q_doc, k_doc, window, self_offset)
-    s = k.shape[1]
     mask = local_attention_mask(q_pos, k_pos, q_doc, k_doc, window, self_offset)  # (b, t, s)
     n = -(-t // QUERY_BLOCK)
     seen = mask.any(dim=0)  # (t, s): keys some row's query sees
     seen = F.pad(seen, (0, 0, 0, n * QUERY_BLOCK - t)).view(n, QUERY_BLOCK, s).any(dim=1)
-    # First and one past the last key of each block's span: every block sees its own
-    # queries' keys (the diagonal), so no span is empty.
+    # First and one past the last key of each block's span: every query sees its own
+    # key, so no span is empty.
     first = seen.int().argmax(dim=1)  # (n,)
     end = s - seen.flip(1).int().argmax(dim=1)  # (n,)
-    spans = torch.stack([first, end], dim=1).tolist()
-    qh = q.transpose(1, 2)  # (b, h, t, hd)
     outs = []
-    for i, (lo, hi) in enumerate(spans):
-        rows = slice(i * QUERY_BLOCK, (i + 1) * QUERY_BLOCK)
+    for i, (lo, hi) in enumerate(torch.stack([first, end], dim=1).tolist()):
+        r0 = i * QUERY_BLOCK
+        rows, keys = slice(r0, r0 + QUERY_BLOCK), slice(lo, hi)
         outs.append(
-            F.scaled_dot_product_attention(
-                qh[:, :, rows],  # (b, h, c, hd)
-                k[:, None, lo:hi].expand(b, h, hi - lo, hd),
-                v[:, None, lo:hi].expand(b, h, hi - lo, hd),
-                attn_mask=mask[:, None, rows, lo:hi],  # (b, 1, c, hi - lo)
-                scale=1.0,
+            local_attention_ref(
+                q[:, rows],  # (b, c, h, hd)
+                k[:, keys],  # (b, hi - lo, hd)
+                v[:, keys],
+                q_pos[:, rows],
+                k_pos[:, keys],
+                q_doc[:, rows],
+                k_doc[:, keys],
+                window,
+                self_offset + r0 - lo,  # query r0 + j is key self_offset + r0 + j
             )
-        )  # (b, h, c, hd)
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (b, h, t, hd)
-    return out.transpose(1, 2).to(v.dtype)
+        )  # (b, c, h, hd)
+    return torch.cat(outs, dim=1)
 
 
 # ----------------------------------------------------------------------------------
