@@ -123,8 +123,10 @@ def local_attention_fused(
     return out.transpose(1, 2).to(v.dtype)
 
 
-#: Queries per block of `local_attention_blocked`. Measured at 1,024 queries, 4 heads
-#: of 128, one core, forward + backward: 128 within 5-15% of 256.
+#: Queries per block of `local_attention_blocked`. Measured at 4 x 1,024 queries, 4
+#: heads of 128, one core, forward + backward, float32 and bf16, one or four
+#: documents per row: 128 the fastest or within 8% of it; 64 up to 1.2x and 256 up to
+#: 1.3x slower.
 QUERY_BLOCK = 128
 
 
@@ -147,11 +149,11 @@ def local_attention_blocked(
     the block then runs the reference on those keys alone. Keys outside a span are
     masked for all of the block's queries, so each output is the reference's softmax
     over the same visible keys (float32 sums in another order). What is skipped: the
-    causal upper triangle, keys of earlier documents, keys beyond the window. From a
-    fresh state (a training step) that is about half the work for one document per
-    row and three quarters for four; a prompt continuing a full window skips little.
-    The reference's matmuls stay (SDPA's CPU kernel was as fast in float32 and up to
-    1.8x slower in bfloat16 on the same spans).
+    causal upper triangle, keys of earlier documents, keys beyond the window: from a
+    fresh state (a training step) about half the work for one document per row, more
+    for packed documents.
+    The reference's matmuls stay (SDPA's CPU kernel was as fast in float32 and 1.6-2x
+    slower in bfloat16 on the same spans).
 
     Returns:
         (b, t, h, hd) in v's dtype.

@@ -18,7 +18,7 @@ target, times the soft-cap's derivative, then two matmuls per chunk into an (n, 
 and a (v, d) float32 buffer); its backward only scales them by the incoming gradient:
 three matmuls of the head's size in all, as autograd through the reference.
 Recomputing the logits in the backward instead (keeping only the (n,) log-sum-exps)
-costs a fourth: measured 1.35x (float32) and 1.4x (bf16 autocast) slower at 4,096
+costs a fourth: measured 1.45x (float32) and 1.3x (bf16 autocast) slower at 4,096
 tokens, width 512, vocabulary 32,000 (`benchmarks/train_vs_hf.py --ops`).
 Positions whose `loss_mask` is 0 are skipped (their logits are never computed).
 

@@ -22,8 +22,9 @@ linear recurrence.
       dx_t = g_t,   da_t = g_t * h_{t-1},   dh0 = a_1 * g_1
 
   so the backward costs about what the forward costs: forward + backward measured
-  3-5x the forward, where autograd through the chunked loops cost 25-40x (16x faster
-  in float32 at (4, 1024, 512), `benchmarks/train_vs_hf.py --ops`). It keeps the
+  2.6-3.3x the forward, where autograd through the chunked loops cost 24-39x (25x
+  faster in float32, 14x with bf16 inputs at (4, 1024, 512); benchmarks/RESULTS.md,
+  "Training step vs HF"). It keeps the
   float32 states `h` for `da` (the output itself when x is float32). The Triton
   kernel (`ops.triton.linear_scan_triton`) does the same on CUDA.
 
