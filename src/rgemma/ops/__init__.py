@@ -5,8 +5,8 @@
 | `scan` (RG-LRU recurrence) | `linear_scan_ref` | `chunked` | `ops/scan.py` |
 | `conv1d` (Griffin Conv1D) | `conv1d_ref` | `shifted` | `ops/conv1d.py` |
 | `attention` (local MQA) | `local_attention_ref` | `sdpa`, `fused`, `blocked` | `ops/attention.py` |
-| `linear` | `linear_ref` (`F.linear`) | `mv`, `tuned` | `ops/linear.py` |
-| `int8_matmul` (weight-only) | `int8_matmul_ref` | `kernel` | `ops/linear.py` |
+| `linear` | `linear_ref` (`F.linear`) | `mv`, `tuned` (measured: F.linear, mv, native) | `ops/linear.py` |
+| `int8_matmul` (weight-only) | `int8_matmul_ref` | `kernel` (measured: torch's, native) | `ops/linear.py` |
 | `int4_matmul` (weight-only) | `int4_matmul_ref` | `kernel` | `ops/quant.py` |
 | `decode_attention` (one step) | `decode_attention_ref` | `split` | `ops/attention.py` |
 | `rglru_gates` (RG-LRU gate math) | `rglru_gates_ref` | `fused` | `ops/rglru.py` |
@@ -30,6 +30,8 @@ An unknown op or implementation name is an `InputError` that lists the choices;
 chosen and the machine-measured choices behind "tuned", e.g. which GEMV kernel one
 row takes per weight shape); `reset()` drops the `use` choices. Every implementation is tested
 against its reference in `tests/ops/` (outputs, final state, gradients).
+The native kernels (`ops/native.py`, C in `ops/_native.c`, built at install) are
+candidates of "tuned" linear and "kernel" int8, never chosen unless measured faster.
 Pattern: mamba's `ops/selective_scan_interface.py`; the official JAX code's
 `resolve_scan_type` picks its scan per device in the same way.
 """
@@ -44,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from . import native
 from .attention import (
     decode_attention_ref,
     decode_attention_split,
@@ -54,9 +57,9 @@ from .attention import (
 )
 from .conv1d import conv1d_ref, conv1d_shifted
 from .linear import (
-    gemv_choices,
     int8_matmul_kernel,
     int8_matmul_ref,
+    kernel_choices,
     linear_mv,
     linear_ref,
     linear_tuned,
@@ -233,9 +236,10 @@ def describe(device: torch.device | str = "cpu", why: bool = False) -> dict[str,
 
     With `why`, each name is followed by what chose it ("(use)", "(RGEMMA_OPS)",
     "(auto)"), and the machine-measured choices made so far are added as entries of
-    their own, e.g. {"linear 1 row, bfloat16 (256000, 2560), 1 thread": "F.linear
-    (F.linear 41000 us, torch.mv 48000 us)"}: "tuned" measures per weight shape at
-    first use, so those appear once the model has run.
+    their own, e.g. {"linear, 1 row, bfloat16 (256000, 2560), 1 thread": "native
+    (F.linear 120000 us, torch.mv 150000 us, native 70000 us)"}: "tuned" products
+    measure per weight shape and row count at first use, so those appear once the
+    model has run; with the native kernels' instruction set ("native kernels").
     """
     names = {op: name for op, (name, _) in _table(_device_type(device)).items()}
     if not why:
@@ -245,8 +249,10 @@ def describe(device: torch.device | str = "cpu", why: bool = False) -> dict[str,
     for op, name in names.items():
         source = "use" if op in _forced else ENV_VAR if op in env else "auto"
         out[op] = f"{name} ({source})"
-    if names.get("linear") == "tuned":
-        out.update({f"linear 1 row, {shape}": c for shape, c in gemv_choices().items()})
+    out["native kernels"] = (
+        f"{native.isa()} (built at install)" if native.available() else native.unavailable_reason()
+    )
+    out.update(kernel_choices())
     return out
 
 
