@@ -71,6 +71,17 @@ def test_linear_bf16_equals_f_linear_to_rounding(isa, rows, n, k, bias):
     _assert_bf16_close(y, _bf16_reference(x, w, b))
 
 
+@pytest.mark.parametrize("rows,n,k", [(1, 37, 70), (1, 64, 2560), (5, 33, 33), (8, 100, 1100)])
+def test_linear_f32_equals_f_linear(isa, rows, n, k):
+    g = torch.Generator().manual_seed(rows * 7 + n + k)
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n)
+    y = native.linear_f32(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    exact = x.double() @ w.double().T + b.double()
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
+    assert torch.equal(y[-1:], native.linear_f32(x[-1:], w, b))  # rows alone, bit for bit
+
+
 @pytest.mark.parametrize("rows", [2, 8, 13, 64])
 def test_a_rows_result_does_not_depend_on_the_other_rows_or_threads(isa, rows):
     """The same arithmetic per output element whatever the number of rows in the call
@@ -121,6 +132,8 @@ def test_bad_inputs_are_named():
         native.linear_bf16(torch.randn(1, 8).bfloat16(), w.T)
     with pytest.raises(ValueError, match=r"bias must be \(n,\)"):
         native.linear_bf16(torch.randn(1, 16).bfloat16(), w, torch.zeros(7))
+    with pytest.raises(ValueError, match="float32 x and weight"):
+        native.linear_f32(torch.randn(1, 16), w)
     with pytest.raises(ValueError, match="int8 q"):
         native.linear_int8(torch.randn(1, 16), w, torch.ones(8))
     with pytest.raises(ValueError, match="not available on this CPU"):
@@ -193,6 +206,7 @@ def test_without_the_extension_the_choice_is_among_torch_kernels(monkeypatch):
     w = torch.randn(40, 64).bfloat16()
     assert set(lin._linear_candidates(w, 1)) == {"linear", "mv"}
     assert set(lin._linear_candidates(w, 8)) == {"linear"}
+    assert set(lin._linear_candidates(w.float(), 8)) == {"linear"}
     q = torch.randint(-127, 128, (40, 64), dtype=torch.int8)
     assert set(lin._int8_candidates(q, torch.ones(40), None, 1, torch.bfloat16)) == {"torch"}
     with pytest.raises(RuntimeError, match="not built"):

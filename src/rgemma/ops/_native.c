@@ -6,6 +6,7 @@
  *
  *   linear_bf16: bfloat16 x and W, float32 accumulation.
  *   linear_int8: float32 x, int8 W with one float32 scale per output row.
+ *   linear_f32: float32 x and W.
  *
  * Each function is built for several instruction sets (GCC's target attribute) and
  * the best the CPU has is chosen at import (`isa()` names it): AVX-512 with BF16
@@ -39,7 +40,7 @@
 typedef struct {
     const void *x;   /* (rows, k): bfloat16 (linear_bf16) or float32 (linear_int8) */
     const float *xf; /* x as float32 for the paths without a bfloat16 product, or NULL */
-    const void *w;   /* (n, k): bfloat16 or int8 */
+    const void *w;   /* (n, k): bfloat16, int8 or float32 */
     const float *scale; /* (n,) int8 scales, or NULL */
     const void *bias;   /* (n,) or NULL */
     int bias_bf16;      /* bias dtype: 1 bfloat16, 0 float32 */
@@ -75,16 +76,21 @@ static inline void finish(const Job *j, int64_t r, int64_t i, float dot) {
         ((float *)j->y)[r * j->n + i] = dot;
 }
 
-/* ---- portable C: float32 x (j->xf), bfloat16 or int8 W ---------------------- */
+enum { KIND_BF16, KIND_INT8, KIND_F32 }; /* the weight's type */
 
-static void block_c(const Job *j, int64_t i0, int64_t i1, int int8) {
+/* ---- portable C: float32 x (j->xf), bfloat16, int8 or float32 W ---------------- */
+
+static void block_c(const Job *j, int64_t i0, int64_t i1, int kind) {
     for (int64_t r = 0; r < j->rows; r++) {
         const float *x = j->xf + r * j->k;
         for (int64_t i = i0; i < i1; i++) {
             float acc = 0.0f;
-            if (int8) {
+            if (kind == KIND_INT8) {
                 const int8_t *w = (const int8_t *)j->w + i * j->k;
                 for (int64_t c = 0; c < j->k; c++) acc += (float)w[c] * x[c];
+            } else if (kind == KIND_F32) {
+                const float *w = (const float *)j->w + i * j->k;
+                for (int64_t c = 0; c < j->k; c++) acc += w[c] * x[c];
             } else {
                 const uint16_t *w = (const uint16_t *)j->w + i * j->k;
                 for (int64_t c = 0; c < j->k; c++) acc += bf16_to_f32(w[c]) * x[c];
@@ -114,7 +120,7 @@ AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2 static void block_avx2(const Job *j, int64_t i0, int64_t i1, int int8) {
+AVX2 static void block_avx2(const Job *j, int64_t i0, int64_t i1, int kind) {
     const int64_t k = j->k, kv = k & ~(int64_t)7;
     for (int64_t r0 = 0; r0 < j->rows; r0 += 2) {
         const int nr = j->rows - r0 < 2 ? 1 : 2;
@@ -125,9 +131,12 @@ AVX2 static void block_avx2(const Job *j, int64_t i0, int64_t i1, int int8) {
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
             for (int64_t c = 0; c < kv; c += 8) {
                 __m256 wa, wb;
-                if (int8) {
+                if (kind == KIND_INT8) {
                     wa = load8_i8((const int8_t *)j->w + ia * k + c);
                     wb = load8_i8((const int8_t *)j->w + ib * k + c);
+                } else if (kind == KIND_F32) {
+                    wa = _mm256_loadu_ps((const float *)j->w + ia * k + c);
+                    wb = _mm256_loadu_ps((const float *)j->w + ib * k + c);
                 } else {
                     wa = load8_bf16((const uint16_t *)j->w + ia * k + c);
                     wb = load8_bf16((const uint16_t *)j->w + ib * k + c);
@@ -141,9 +150,12 @@ AVX2 static void block_avx2(const Job *j, int64_t i0, int64_t i1, int int8) {
             float d[2][2] = {{hsum8(a00), hsum8(a01)}, {hsum8(a10), hsum8(a11)}};
             for (int64_t c = kv; c < k; c++) {
                 float wa, wb;
-                if (int8) {
+                if (kind == KIND_INT8) {
                     wa = ((const int8_t *)j->w)[ia * k + c];
                     wb = ((const int8_t *)j->w)[ib * k + c];
+                } else if (kind == KIND_F32) {
+                    wa = ((const float *)j->w)[ia * k + c];
+                    wb = ((const float *)j->w)[ib * k + c];
                 } else {
                     wa = bf16_to_f32(((const uint16_t *)j->w)[ia * k + c]);
                     wb = bf16_to_f32(((const uint16_t *)j->w)[ib * k + c]);
@@ -255,7 +267,12 @@ AVX512 static inline __m512 load16_i8(const int8_t *p, __mmask16 m) {
         }                                                                                \
     }
 
+AVX512 static inline __m512 load16_f32(const float *p, __mmask16 m) {
+    return m == (__mmask16)0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
 F32_TILES(avx512_i8, int8_t, load16_i8)
+F32_TILES(avx512_f32, float, load16_f32)
 F32_TILES(avx512_bf16, uint16_t, load16_bf16)
 
 /* ---- AVX-512 BF16: VDPBF16PS on bfloat16 x and W ------------------------------ */
@@ -379,43 +396,44 @@ static int detect_isa(void) {
     return ISA_C;
 }
 
-static void run_block(const Job *j, int isa, int int8, int64_t i0, int64_t i1) {
-    if (isa == ISA_AVX512BF16 && !int8)
+static void run_block(const Job *j, int isa, int kind, int64_t i0, int64_t i1) {
+    if (isa == ISA_AVX512BF16 && kind == KIND_BF16)
         block_avx512bf16(j, i0, i1);
-    else if (isa >= ISA_AVX512 && int8)
+    else if (isa >= ISA_AVX512 && kind == KIND_INT8)
         block_avx512_i8(j, i0, i1);
+    else if (isa >= ISA_AVX512 && kind == KIND_F32)
+        block_avx512_f32(j, i0, i1);
     else if (isa >= ISA_AVX512)
         block_avx512_bf16(j, i0, i1);
     else if (isa == ISA_AVX2)
-        block_avx2(j, i0, i1, int8);
+        block_avx2(j, i0, i1, kind);
     else
-        block_c(j, i0, i1, int8);
+        block_c(j, i0, i1, kind);
 }
 
-static void run(Job *j, int int8, int threads) {
+static void run(Job *j, int kind, int threads) {
     const int isa = g_force >= 0 ? g_force : g_isa;
     float *xf = NULL;
-    if (!(isa == ISA_AVX512BF16 && !int8)) {
-        if (int8) {
-            j->xf = (const float *)j->x;
-        } else { /* widen bfloat16 x once per call */
-            xf = (float *)malloc((size_t)(j->rows * j->k) * sizeof(float));
-            for (int64_t t = 0; t < j->rows * j->k; t++)
-                xf[t] = bf16_to_f32(((const uint16_t *)j->x)[t]);
-            j->xf = xf;
-        }
+    if (kind != KIND_BF16) {
+        j->xf = (const float *)j->x;
+    } else if (isa != ISA_AVX512BF16) { /* widen bfloat16 x once per call */
+        xf = (float *)malloc((size_t)(j->rows * j->k) * sizeof(float));
+        if (xf == NULL) return; /* the caller checks rows * k against memory */
+        for (int64_t t = 0; t < j->rows * j->k; t++)
+            xf[t] = bf16_to_f32(((const uint16_t *)j->x)[t]);
+        j->xf = xf;
     }
     const int64_t chunks = (j->n + CHUNK - 1) / CHUNK;
     if (threads <= 1 || chunks < 2) {
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < j->n ? i0 + CHUNK : j->n;
-            run_block(j, isa, int8, i0, i1);
+            run_block(j, isa, kind, i0, i1);
         }
     } else {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < j->n ? i0 + CHUNK : j->n;
-            run_block(j, isa, int8, i0, i1);
+            run_block(j, isa, kind, i0, i1);
         }
     }
     free(xf);
@@ -423,7 +441,7 @@ static void run(Job *j, int int8, int threads) {
 
 /* ---- Python ------------------------------------------------------------------- */
 
-static PyObject *py_linear(PyObject *args, int int8) {
+static PyObject *py_linear(PyObject *args, int kind) {
     unsigned long long y, x, w, scale, bias;
     long long rows, n, k;
     int out_bf16, bias_bf16, threads;
@@ -437,12 +455,17 @@ static PyObject *py_linear(PyObject *args, int int8) {
     Job j = {(const void *)(uintptr_t)x, NULL, (const void *)(uintptr_t)w,
              (const float *)(uintptr_t)scale, (const void *)(uintptr_t)bias, bias_bf16,
              (void *)(uintptr_t)y, out_bf16, rows, n, k};
-    Py_BEGIN_ALLOW_THREADS run(&j, int8, threads);
+    Py_BEGIN_ALLOW_THREADS run(&j, kind, threads);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-static PyObject *linear_bf16(PyObject *self, PyObject *args) { return py_linear(args, 0); }
-static PyObject *linear_int8(PyObject *self, PyObject *args) { return py_linear(args, 1); }
+static PyObject *linear_bf16(PyObject *self, PyObject *args) {
+    return py_linear(args, KIND_BF16);
+}
+static PyObject *linear_int8(PyObject *self, PyObject *args) {
+    return py_linear(args, KIND_INT8);
+}
+static PyObject *linear_f32(PyObject *self, PyObject *args) { return py_linear(args, KIND_F32); }
 
 static PyObject *isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(ISA_NAMES[g_force >= 0 ? g_force : g_isa]);
@@ -479,6 +502,8 @@ static PyMethodDef METHODS[] = {
      "linear_bf16(y, x, w, 0, bias, rows, n, k, out_bf16, bias_bf16, threads)"},
     {"linear_int8", linear_int8, METH_VARARGS,
      "linear_int8(y, x, q, scale, bias, rows, n, k, out_bf16, bias_bf16, threads)"},
+    {"linear_f32", linear_f32, METH_VARARGS,
+     "linear_f32(y, x, w, 0, bias, rows, n, k, 0, 0, threads)"},
     {"isa", isa, METH_NOARGS, "the instruction set the kernels use"},
     {"isas", isas, METH_NOARGS, "every instruction set this CPU can run"},
     {"set_isa", set_isa, METH_VARARGS, "force an instruction set (None: the best)"},

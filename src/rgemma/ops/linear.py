@@ -7,7 +7,7 @@
   0.85x of it on an AMD EPYC (issue 16). Anything else is `F.linear`.
 * `linear_tuned` (CPU's auto): few rows (decode: up to 64, bound by the rate at
   which the weight streams) take whichever of `F.linear`, `torch.mv` (one row) and
-  the native bfloat16 kernel (`ops.native`, built at install; 1.4-2.4x `F.linear`
+  the native bfloat16 / float32 kernel (`ops.native`, built at install; 1.4-2.4x `F.linear`
   at one row on an AMD EPYC Zen 4) was fastest on this machine for that weight's
   dtype and shape and that row count (rounded up to `ROW_BUCKETS`), measured on the
   weight itself at first use (a few calls of each, alternated, best of 3) and kept
@@ -134,20 +134,23 @@ def measure_kernels(
     return KernelChoice(kernel, best)
 
 
+_NATIVE = {torch.bfloat16: native.linear_bf16, torch.float32: native.linear_f32}
+
+
 def _linear_candidates(weight: Tensor, rows: int) -> dict[str, Callable[[], object]]:
     w = weight.detach()
     x = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device)
     out: dict[str, Callable[[], object]] = {"linear": lambda: F.linear(x, w)}
     if rows == 1:
         out["mv"] = lambda: torch.mv(w, x[0])
-    if native.available() and w.dtype == torch.bfloat16 and w.is_contiguous():
-        out["native"] = lambda: native.linear_bf16(x, w)
+    if native.available() and w.dtype in _NATIVE and w.is_contiguous():
+        out["native"] = lambda: _NATIVE[w.dtype](x, w)
     return out
 
 
 def measure_linear(weight: Tensor, rows: int = 1, samples: int = 3) -> KernelChoice:
-    """Time `F.linear`, `torch.mv` (one row) and the native kernel (bfloat16, where
-    built) on `rows` random rows against `weight` (n, k) itself; see `measure_kernels`."""
+    """Time `F.linear`, `torch.mv` (one row) and the native kernel (bfloat16 or
+    float32, where built) on `rows` random rows against `weight` (n, k) itself; see `measure_kernels`."""
     return measure_kernels(_linear_candidates(weight, rows), "linear", samples)
 
 
@@ -173,7 +176,7 @@ def _tunable(x: Tensor, weight: Tensor) -> int:
 def linear_tuned(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`linear_ref` with few CPU rows (decode, up to 64) through the kernel measured
     fastest for this weight's dtype and shape and this row count on this machine
-    (`F.linear`, `torch.mv` for one row, or the native bfloat16 kernel; same
+    (`F.linear`, `torch.mv` for one row, or the native bfloat16 / float32 kernel; same
     arguments). Products with gradients or more rows are `F.linear` itself."""
     rows = _tunable(x, weight)
     if (
@@ -186,7 +189,7 @@ def linear_tuned(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     key = ("linear", weight.dtype, weight.shape[0], weight.shape[1], b, torch.get_num_threads())
     kernel = _choice(key, lambda: measure_linear(weight, b), "linear")
     if kernel == "native" and weight.is_contiguous():
-        return native.linear_bf16(x, weight, bias)
+        return _NATIVE[weight.dtype](x, weight, bias)
     if kernel == "mv" and rows == 1:
         y = torch.mv(weight, x.reshape(-1))  # (n,)
         if bias is not None:

@@ -8,6 +8,7 @@ a weight once per call for up to `MAX_ROWS` rows of activations (decode):
 * `linear_bf16(x, weight, bias)`: bfloat16 x and weight, float32 accumulation
   (AVX-512 BF16's VDPBF16PS where the CPU has it, else the weight widened to float32
   under AVX-512F or AVX2), bfloat16 output: `F.linear` to rounding.
+* `linear_f32(x, weight, bias)`: float32 x and weight (AVX-512F, AVX2 or C).
 * `linear_int8(x, q, scale, bias)`: int8 weight with one float32 scale per output,
   float32 activations and accumulation: `x @ (q * scale[:, None]).T (+ bias)`.
 
@@ -16,7 +17,7 @@ it faster than the torch kernel on this machine for that shape (`ops.linear`); w
 the extension is missing (`available()` is False, `unavailable_reason()` says why)
 those choices are torch's. No autograd: callers use them only without gradients.
 Inside `torch.compile` they are custom ops (`torch.ops.rgemma.native_linear_bf16`,
-`native_linear_int8`), opaque to the compiler. Tested against `F.linear` on every
+`native_linear_f32`, `native_linear_int8`), opaque to the compiler. Tested against `F.linear` on every
 instruction set the CPU runs (`isas()`, `set_isa`) in tests/ops/test_native.py.
 """
 
@@ -104,6 +105,20 @@ def _linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
+def _linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if weight.dtype != torch.float32 or x.dtype != torch.float32:
+        raise ValueError(f"native linear_f32: float32 x and weight, got {x.dtype}, {weight.dtype}")
+    x2 = _check(x, weight, torch.float32, "linear_f32")
+    (rows, k), n = x2.shape, weight.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    b, b16 = _bias(bias, n)
+    _native.linear_f32(
+        y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0, b, rows, n, k, 0, b16,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], n)
+
+
 def _linear_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     if q.dtype != torch.int8 or scale.dtype != torch.float32 or scale.shape != q.shape[:1]:
         raise ValueError("native linear_int8: int8 q (n, k) and float32 scale (n,)")
@@ -131,6 +146,14 @@ if hasattr(torch.library, "custom_op"):
     def _(x, weight, bias):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
+    @torch.library.custom_op("rgemma::native_linear_f32", mutates_args=())
+    def _linear_f32_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _linear_f32(x, weight, bias)
+
+    @_linear_f32_op.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
     @torch.library.custom_op("rgemma::native_linear_int8", mutates_args=())
     def _linear_int8_op(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
         return _linear_int8(x, q, scale, bias)
@@ -140,7 +163,7 @@ if hasattr(torch.library, "custom_op"):
         return x.new_empty(*x.shape[:-1], q.shape[0])
 
 else:  # pragma: no cover
-    _linear_bf16_op, _linear_int8_op = _linear_bf16, _linear_int8
+    _linear_bf16_op, _linear_f32_op, _linear_int8_op = _linear_bf16, _linear_f32, _linear_int8
 
 
 def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -158,6 +181,18 @@ def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     if torch.compiler.is_compiling():
         return _linear_bf16_op(x, weight, bias)
     return _linear_bf16(x, weight, bias)
+
+
+def linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)` for float32 CPU tensors through the native kernel
+    (same shapes as `linear_bf16`; float32 in and out, float32 accumulation).
+
+    Raises:
+        RuntimeError if the extension is missing; ValueError for other inputs.
+    """
+    if torch.compiler.is_compiling():
+        return _linear_f32_op(x, weight, bias)
+    return _linear_f32(x, weight, bias)
 
 
 def linear_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
