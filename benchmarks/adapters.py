@@ -109,8 +109,9 @@ class RgemmaAdapter(Adapter):
         self.next = self.random_tokens(batch, 1)
 
     def step(self) -> None:
-        # What generation calls per token (compiled after a "compile" task).
-        logits, self.state = decode_step(self.model, self.next[:, 0], self.state)
+        # What generation calls per token (compiled after a "compile" task): the engine
+        # owns its state and donates it, so the attention window is written in place.
+        logits, self.state = decode_step(self.model, self.next[:, 0], self.state, donate=True)
         self.next = logits.argmax(-1, keepdim=True)
 
     def state_bytes(self) -> int:
