@@ -31,7 +31,15 @@ from torch import Tensor, nn
 
 from .config import BlockType, GriffinConfig
 from .errors import InputError
-from .ops import conv1d, decode_attention, linear, linear_scan, local_attention, rglru_gates
+from .ops import (
+    conv1d,
+    decode_attention,
+    linear,
+    linear_epilogue,
+    linear_scan,
+    local_attention,
+    rglru_gates,
+)
 from .ops.rglru import SqrtBoundDerivative
 from .state import AttentionState, GriffinState, RecurrentState, _map, check_state, init_state
 
@@ -67,6 +75,14 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def _plain(*modules: nn.Module) -> bool:
+    """Whether every module is a plain `Linear` without hooks (not LoRA-wrapped,
+    quantized or hooked), so its matmul may take a fused epilogue."""
+    return all(
+        type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules
+    )
 
 
 class Embedder(nn.Module):
@@ -233,7 +249,10 @@ class RecurrentBlock(nn.Module):
     ) -> tuple[Tensor, RecurrentState]:
         """`donate` is accepted for a uniform block call; the (small) recurrent state is
         always returned as new tensors. `pad`: None (no padding) or (b, t) bool."""
-        y = F.gelu(self.linear_y(x), approximate="tanh")  # (b, t, e)
+        if _plain(self.linear_y):  # the GELU fused into the matmul where it pays
+            y = linear_epilogue(x, self.linear_y.weight, self.linear_y.bias, "gelu_tanh")
+        else:
+            y = F.gelu(self.linear_y(x), approximate="tanh")  # (b, t, e)
         x, conv_state = self.conv_1d(self.linear_x(x), segment_pos, state.conv, pad)
         x, h = self.rg_lru(x, segment_pos, state.rg_lru, pad)
         return self.linear_out(x * y), RecurrentState(rg_lru=h, conv=conv_state)
@@ -526,9 +545,20 @@ class MLPBlock(nn.Module):
         self.ffw_up = GatedUpProjection(width, expanded_width, **kw)
         self.ffw_down = Linear(expanded_width, width, **kw)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate = F.gelu(self.ffw_up.gate_proj(x), approximate="tanh")  # (b, t, m)
-        return self.ffw_down(gate * self.ffw_up.up_proj(x))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (b, t, d) -> (b, t, d); with `residual` (b, t, d), `residual + mlp(x)`.
+        The GELU, the product and the residual add run as matmul epilogues
+        (`ops.linear_epilogue`) when the three projections are plain `Linear`s."""
+        gate_proj, up_proj, down = self.ffw_up.gate_proj, self.ffw_up.up_proj, self.ffw_down
+        if _plain(gate_proj, up_proj, down):  # each element-wise op fused into a matmul
+            gate = linear_epilogue(x, gate_proj.weight, gate_proj.bias, "gelu_tanh")
+            gate = linear_epilogue(x, up_proj.weight, up_proj.bias, "mul", gate)  # (b, t, m)
+            if residual is None:
+                return linear(gate, down.weight, down.bias)
+            return linear_epilogue(gate, down.weight, down.bias, "add", residual)
+        gate = F.gelu(gate_proj(x), approximate="tanh")  # (b, t, m)
+        out = down(gate * up_proj(x))
+        return out if residual is None else residual + out
 
 
 class ResidualBlock(nn.Module):
@@ -558,6 +588,8 @@ class ResidualBlock(nn.Module):
         """x (b, t, d) -> (out (b, t, d), new block state); `pad` as in `Griffin.forward`."""
         y, state = self.temporal_block(self.temporal_pre_norm(x), segment_pos, state, donate, pad)
         x = x + y
+        if isinstance(self.mlp_block, MLPBlock):  # the residual add fused into ffw_down
+            return self.mlp_block(self.channel_pre_norm(x), residual=x), state
         return x + self.mlp_block(self.channel_pre_norm(x)), state
 
 
@@ -814,10 +846,12 @@ class Griffin(nn.Module):
                 out.div_(cap).tanh_().mul_(cap)
         return out, new_state
 
+    @torch.no_grad()
     def decode_step(
         self, tokens: Tensor, state: GriffinState, donate: bool = False
     ) -> tuple[Tensor, GriffinState]:
-        """One decode step for every row, without input checks (the generation loop's).
+        """One decode step for every row, without input checks (the generation loop's),
+        without autograd (so the decode kernels measured fastest apply, `ops.linear`).
 
         Args:
             tokens: (b,) int64, the last sampled token of each row.

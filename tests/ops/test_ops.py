@@ -119,6 +119,15 @@ def linear_cross_entropy_inputs(t, dtype, g):
     return [h.to(dtype), weight.to(dtype), targets, mask, 5.0, 5]
 
 
+def linear_epilogue_inputs(t, dtype, g):
+    """x (2, t, 32) (more than 64 rows from t = 33: the oneDNN path in bfloat16), the
+    "mul" epilogue with a gate (2, t, 48); gradients in tests/ops/test_epilogue.py."""
+    x = torch.randn(2, t, 32, generator=g) / 32**0.5
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    gate = torch.randn(2, t, 48, generator=g)
+    return [x.to(dtype), w.to(dtype), b.to(dtype), "mul", gate.to(dtype)]
+
+
 #: op -> (inputs for (t, dtype, generator), positions of the inputs to differentiate)
 CASES = {
     "scan": (scan_inputs, (0, 1, 2)),
@@ -130,6 +139,7 @@ CASES = {
     "decode_attention": (decode_attention_inputs, (0, 1, 2, 3, 4)),
     "rglru_gates": (rglru_gates_inputs, (0, 1, 2, 3)),
     "linear_cross_entropy": (linear_cross_entropy_inputs, (0, 1)),
+    "linear_epilogue": (linear_epilogue_inputs, ()),
 }
 FAST = [(op, impl) for op, impls in IMPLEMENTATIONS.items() for impl in impls if impl != "ref"]
 

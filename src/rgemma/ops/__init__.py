@@ -11,6 +11,7 @@
 | `decode_attention` (one step) | `decode_attention_ref` | `split` | `ops/attention.py` |
 | `rglru_gates` (RG-LRU gate math) | `rglru_gates_ref` | `fused` | `ops/rglru.py` |
 | `linear_cross_entropy` (head + loss) | `linear_cross_entropy_ref` | `chunked` | `ops/loss.py` |
+| `linear_epilogue` (linear + gelu / mul / add) | `linear_epilogue_ref` | `onednn` | `ops/epilogue.py` |
 
 The model calls the dispatching functions below (`linear_scan`, `conv1d`,
 `local_attention`, `linear`, `int8_matmul`); each runs the implementation that
@@ -56,6 +57,7 @@ from .attention import (
     local_attention_sdpa,
 )
 from .conv1d import conv1d_ref, conv1d_shifted
+from .epilogue import linear_epilogue_onednn, linear_epilogue_ref
 from .linear import (
     int8_matmul_kernel,
     int8_matmul_ref,
@@ -90,6 +92,7 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
         "ref": linear_cross_entropy_ref,
         "chunked": linear_cross_entropy_chunked,
     },
+    "linear_epilogue": {"ref": linear_epilogue_ref, "onednn": linear_epilogue_onednn},
 }
 
 #: What "auto" runs per device type; a type not listed takes "cuda"'s entry.
@@ -111,6 +114,7 @@ AUTO: dict[str, dict[str, str]] = {
         "decode_attention": "split",
         "rglru_gates": "fused",
         "linear_cross_entropy": "chunked",
+        "linear_epilogue": "onednn",
     },
     "cuda": {
         "scan": "chunked",
@@ -123,6 +127,7 @@ AUTO: dict[str, dict[str, str]] = {
         # "fused" finds document starts with nonzero(): a host sync per layer on CUDA.
         "rglru_gates": "ref",
         "linear_cross_entropy": "chunked",
+        "linear_epilogue": "ref",
     },
 }
 
@@ -429,6 +434,21 @@ def linear_cross_entropy(
     return fn(h, weight, targets, loss_mask, soft_cap, chunk_size)
 
 
+def linear_epilogue(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    epilogue: str,
+    other: Tensor | None = None,
+    *,
+    impl: str | None = None,
+) -> Tensor:
+    """A linear with the next element-wise op fused: x (..., k), weight (n, k), bias
+    (n,) or None, epilogue "gelu_tanh" | "mul" | "add", other (..., n) for "mul" /
+    "add" -> (..., n) in x's dtype. See `ops.epilogue`."""
+    return _impl("linear_epilogue", x, impl)(x, weight, bias, epilogue, other)
+
+
 __all__ = [
     "AUTO",
     "ENV_VAR",
@@ -440,6 +460,7 @@ __all__ = [
     "int8_matmul",
     "linear",
     "linear_cross_entropy",
+    "linear_epilogue",
     "linear_scan",
     "local_attention",
     "reset",
