@@ -152,7 +152,7 @@ def test_generate_stdin_and_invalid_utf8(capsys, monkeypatch, model_dir):
     lines = err.strip().splitlines()
     # --verbose also names each op's kernel and the per-machine measured choices.
     kernels = [line for line in lines if line.startswith("kernels: ")]
-    assert len(kernels) == 1 and "linear 1 row, float32 (" in kernels[0]
+    assert len(kernels) == 1 and "linear, 1 row, float32 (" in kernels[0]
     lines = [line for line in lines if not line.startswith("kernels: ")]
     # ... and the thread count, the OpenMP wait policy and the sampling parameters.
     setup = [line for line in lines if line.startswith("threads: ")]

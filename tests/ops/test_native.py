@@ -5,6 +5,7 @@ per-machine choice that puts them under `ops.linear` / `ops.int8_matmul`."""
 from __future__ import annotations
 
 import importlib
+import platform
 import shutil
 import sysconfig
 
@@ -26,6 +27,8 @@ def test_the_extension_is_built_where_a_compiler_is():
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None and shutil.which("cc") is None:
         pytest.skip("no C compiler on this machine: the pure-torch kernels are used")
+    if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
+        pytest.skip("the native kernels are built on x86-64 Linux only (setup.py)")
     assert native.available(), native.unavailable_reason()
     assert native.isa() in native.isas() and native.isas()[0] == "c"
 
@@ -227,3 +230,29 @@ def test_int8_matmul_takes_the_measured_kernel(monkeypatch):
     assert torch.equal(got, native.linear_int8(x, q, scale))
     _assert_bf16_close(got, x.double() @ (q.double() * scale.double()[:, None]).T)
     assert any(k.startswith("int8_matmul, 4 rows") for k in lin.kernel_choices())
+
+
+@needs_native
+def test_review_findings_stay_fixed():
+    """Non-contiguous scale and bias (freed or strided memory), float32 x for the
+    bfloat16 kernel, gradients through a trainable bias or activations."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=g)
+    scale = torch.rand(40, 2, generator=g)[:, 0] / 100  # a strided view
+    x = torch.randn(2, 64, generator=g)
+    exact = x.double() @ (q.double() * scale.double()[:, None]).T
+    torch.testing.assert_close(
+        native.linear_int8(x, q, scale).double(), exact, rtol=1e-5, atol=1e-5
+    )
+    w = torch.randn(32, 64, generator=g).bfloat16()
+    bias = torch.randn(32, 2, generator=g).bfloat16()[:, 0]  # a strided view
+    xb = x.bfloat16()
+    _assert_bf16_close(native.linear_bf16(xb, w, bias), _bf16_reference(xb, w, bias))
+    with pytest.raises(ValueError, match="bfloat16 x"):
+        native.linear_bf16(x, w)
+    b = torch.zeros(32, dtype=torch.bfloat16, requires_grad=True)
+    ops.linear(xb[:1], w, b).float().sum().backward()  # frozen weight, trainable bias
+    assert torch.equal(b.grad, torch.ones(32, dtype=torch.bfloat16))
+    xg = x[:1].clone().requires_grad_()
+    ops.int8_matmul(xg, q, scale).sum().backward()
+    assert xg.grad is not None and xg.grad.shape == (1, 64)

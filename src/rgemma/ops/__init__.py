@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from . import epilogue as _epilogue
 from . import native
 from .attention import (
     decode_attention_ref,
@@ -448,6 +449,8 @@ def linear_epilogue(
     "add" -> (..., n) in x's dtype. See `ops.epilogue`."""
     return _impl("linear_epilogue", x, impl)(x, weight, bias, epilogue, other)
 
+
+_epilogue.linear = linear  # the epilogue reference's linear is this dispatcher's
 
 __all__ = [
     "AUTO",

@@ -411,14 +411,15 @@ static void run_block(const Job *j, int isa, int kind, int64_t i0, int64_t i1) {
         block_c(j, i0, i1, kind);
 }
 
-static void run(Job *j, int kind, int threads) {
+/* 0, or -1 when memory for the widened x could not be allocated. */
+static int run(Job *j, int kind, int threads) {
     const int isa = g_force >= 0 ? g_force : g_isa;
     float *xf = NULL;
     if (kind != KIND_BF16) {
         j->xf = (const float *)j->x;
     } else if (isa != ISA_AVX512BF16) { /* widen bfloat16 x once per call */
         xf = (float *)malloc((size_t)(j->rows * j->k) * sizeof(float));
-        if (xf == NULL) return; /* the caller checks rows * k against memory */
+        if (xf == NULL) return -1;
         for (int64_t t = 0; t < j->rows * j->k; t++)
             xf[t] = bf16_to_f32(((const uint16_t *)j->x)[t]);
         j->xf = xf;
@@ -437,6 +438,7 @@ static void run(Job *j, int kind, int threads) {
         }
     }
     free(xf);
+    return 0;
 }
 
 /* ---- Python ------------------------------------------------------------------- */
@@ -455,8 +457,10 @@ static PyObject *py_linear(PyObject *args, int kind) {
     Job j = {(const void *)(uintptr_t)x, NULL, (const void *)(uintptr_t)w,
              (const float *)(uintptr_t)scale, (const void *)(uintptr_t)bias, bias_bf16,
              (void *)(uintptr_t)y, out_bf16, rows, n, k};
-    Py_BEGIN_ALLOW_THREADS run(&j, kind, threads);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = run(&j, kind, threads);
+    Py_END_ALLOW_THREADS if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
 }
 
 static PyObject *linear_bf16(PyObject *self, PyObject *args) {

@@ -43,6 +43,10 @@ from ..errors import InputError
 
 __all__ = ["EPILOGUES", "MIN_ROWS", "linear_epilogue_onednn", "linear_epilogue_ref"]
 
+#: The linear the reference runs: `ops.linear` (whatever it dispatches to), set by
+#: `rgemma.ops` when it imports this module (so that this module need not import it).
+linear = F.linear
+
 #: The fused ops, by name.
 EPILOGUES = ("gelu_tanh", "mul", "add")
 
@@ -78,10 +82,9 @@ def linear_epilogue_ref(
     Raises:
         InputError: an unknown epilogue, or `other` given or missing against it.
     """
-    from . import _impl  # the dispatcher (it imports this module first)
 
     _check(epilogue, other)
-    y = _impl("linear", x, None)(x, weight, bias)  # `ops.linear`
+    y = linear(x, weight, bias)  # `ops.linear` (set by the dispatcher)
     if epilogue == "gelu_tanh":
         return F.gelu(y, approximate="tanh")
     if epilogue == "mul":

@@ -86,6 +86,18 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _CHOICES: dict[tuple, KernelChoice] = {}
 
 
+_THREADS = [torch.get_num_threads()]
+
+
+def _threads() -> int:
+    """torch's thread count; inside torch.compile tracing the last one seen eagerly
+    (`torch.get_num_threads()` is a graph break there: a torch.* op returning an int)."""
+    if torch.compiler.is_compiling():
+        return _THREADS[0]
+    _THREADS[0] = torch.get_num_threads()
+    return _THREADS[0]
+
+
 def _bucket(rows: int) -> int:
     return next(b for b in ROW_BUCKETS if b >= rows)
 
@@ -163,11 +175,13 @@ def _choice(key: tuple, measure: Callable[[], KernelChoice], default: str) -> st
     return choice.kernel
 
 
-def _tunable(x: Tensor, weight: Tensor) -> int:
+def _tunable(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> int:
     """Rows of x if this product may be tuned (CPU, no autograd, few rows), else 0."""
     if x.device.type != "cpu" or weight.ndim != 2 or x.shape[-1] == 0:
         return 0
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         return 0
     rows = x.numel() // x.shape[-1]
     return rows if rows <= ROW_BUCKETS[-1] else 0
@@ -178,15 +192,16 @@ def linear_tuned(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     fastest for this weight's dtype and shape and this row count on this machine
     (`F.linear`, `torch.mv` for one row, or the native bfloat16 / float32 kernel; same
     arguments). Products with gradients or more rows are `F.linear` itself."""
-    rows = _tunable(x, weight)
+    rows = _tunable(x, weight, bias)
     if (
         not rows
         or x.dtype != weight.dtype
         or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-    ):
+        or (bias is not None and (bias.dtype != weight.dtype or bias.shape != weight.shape[:1]))
+    ):  # other biases: F.linear's broadcasting and errors, whatever was measured
         return F.linear(x, weight, bias)
     b = _bucket(rows)
-    key = ("linear", weight.dtype, weight.shape[0], weight.shape[1], b, torch.get_num_threads())
+    key = ("linear", weight.dtype, weight.shape[0], weight.shape[1], b, _threads())
     kernel = _choice(key, lambda: measure_linear(weight, b), "linear")
     if kernel == "native" and weight.is_contiguous():
         return _NATIVE[weight.dtype](x, weight, bias)
@@ -248,9 +263,11 @@ def int8_matmul_kernel(
     rows = x2.shape[0]
     if x.device.type != "cpu" or not 0 < rows <= INT8_KERNEL_MAX_ROWS:
         return int8_matmul_ref(x, q, scale)
+    if torch.is_grad_enabled() and x.requires_grad:  # the kernels have no autograd
+        return int8_matmul_ref(x, q, scale)
     plain = "torch" if _int8_torch_applies(k) else "ref"
     b = _bucket(rows)
-    key = ("int8_matmul", x.dtype, q.shape[0], k, b, torch.get_num_threads())
+    key = ("int8_matmul", x.dtype, q.shape[0], k, b, _threads())
     kernel = _choice(
         key,
         lambda: measure_kernels(_int8_candidates(q, scale, scale_bf16, b, x.dtype), plain),

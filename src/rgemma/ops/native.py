@@ -1,8 +1,9 @@
 """The native CPU kernels (`rgemma/ops/_native.c`), built from the package's sources
 at install, and their pure-torch fallback.
 
-`pip install rgemma` compiles `_native.c` when a C compiler is present (setup.py;
-the build is optional, so an install without one still succeeds). The kernels stream
+`pip install rgemma` compiles `_native.c` on x86-64 when a C compiler with OpenMP is
+present (setup.py; the build is optional, so an install without one still succeeds;
+after editing the C file, reinstall to rebuild it). The kernels stream
 a weight once per call for up to `MAX_ROWS` rows of activations (decode):
 
 * `linear_bf16(x, weight, bias)`: bfloat16 x and weight, float32 accumulation
@@ -12,25 +13,35 @@ a weight once per call for up to `MAX_ROWS` rows of activations (decode):
 * `linear_int8(x, q, scale, bias)`: int8 weight with one float32 scale per output,
   float32 activations and accumulation: `x @ (q * scale[:, None]).T (+ bias)`.
 
-Neither is used unless `ops.linear` ("tuned") or `ops.int8_matmul` ("kernel") measured
+None is used unless `ops.linear` ("tuned") or `ops.int8_matmul` ("kernel") measured
 it faster than the torch kernel on this machine for that shape (`ops.linear`); where
 the extension is missing (`available()` is False, `unavailable_reason()` says why)
 those choices are torch's. No autograd: callers use them only without gradients.
 Inside `torch.compile` they are custom ops (`torch.ops.rgemma.native_linear_bf16`,
-`native_linear_f32`, `native_linear_int8`), opaque to the compiler. Tested against `F.linear` on every
-instruction set the CPU runs (`isas()`, `set_isa`) in tests/ops/test_native.py.
+`native_linear_f32`, `native_linear_int8`), opaque to the compiler. Tested against
+`F.linear` on every instruction set the CPU runs (`isas()`, `set_isa`) in tests/ops/test_native.py.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import Tensor
 
 try:
-    from . import _native
-except ImportError as err:  # not built: no compiler at install, or another platform
+    _native = importlib.import_module("rgemma.ops._native")
+except ModuleNotFoundError as err:  # not built: no compiler at install, or another platform
+    if err.name != "rgemma.ops._native":
+        raise
     _native = None
-    _REASON = f"the native kernels were not built ({err}); rgemma uses torch's kernels"
+    _REASON = (
+        "the native kernels were not built at install (no working C compiler with "
+        "OpenMP, or not x86-64; `pip install -v -e .` shows why); rgemma uses torch's kernels"
+    )
+except ImportError as err:  # built, but does not load here
+    _native = None
+    _REASON = f"the native kernels do not load ({err}); rgemma uses torch's kernels"
 else:
     _REASON = ""
 
@@ -67,12 +78,21 @@ def set_isa(name: str | None) -> None:
     _native.set_isa(name)
 
 
-def _bias(bias: Tensor | None, n: int) -> tuple[int, int]:
+def _bias(bias: Tensor | None, n: int) -> tuple[Tensor | None, int, int]:
+    """(the bias to keep alive during the call, its address, 1 if bfloat16)."""
     if bias is None:
-        return 0, 0
-    if bias.shape != (n,) or bias.dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"native kernels: bias must be (n,) = ({n},) bfloat16 or float32")
-    return bias.data_ptr(), int(bias.dtype == torch.bfloat16)
+        return None, 0, 0
+    if (
+        bias.shape != (n,)
+        or bias.dtype not in (torch.bfloat16, torch.float32)
+        or bias.device.type != "cpu"
+    ):
+        raise ValueError(
+            f"native kernels: bias must be (n,) = ({n},) bfloat16 or float32 on the CPU, "
+            f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
+        )
+    bias = bias.resolve_neg().contiguous()
+    return bias, bias.data_ptr(), int(bias.dtype == torch.bfloat16)
 
 
 def _check(x: Tensor, weight: Tensor, dtype: torch.dtype, what: str) -> Tensor:
@@ -80,24 +100,34 @@ def _check(x: Tensor, weight: Tensor, dtype: torch.dtype, what: str) -> Tensor:
         raise RuntimeError(unavailable_reason())
     if x.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(f"native {what}: CPU tensors only")
-    if weight.ndim != 2 or not weight.is_contiguous() or x.shape[-1] != weight.shape[1]:
+    if (
+        x.ndim == 0
+        or weight.ndim != 2
+        or not weight.is_contiguous()
+        or weight.is_neg()
+        or x.shape[-1] != weight.shape[1]
+    ):
         raise ValueError(
             f"native {what}: x (..., k) and a contiguous weight (n, k), got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    if weight.shape[1] == 0:
+        raise ValueError(f"native {what}: k = 0 (F.linear gives zeros + bias)")
+    x2 = x.reshape(-1, weight.shape[1]).to(dtype).resolve_neg().contiguous()
     if x2.shape[0] > MAX_ROWS:
         raise ValueError(f"native {what}: at most {MAX_ROWS} rows, got {x2.shape[0]}")
     return x2
 
 
 def _linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if weight.dtype != torch.bfloat16:
-        raise ValueError(f"native linear_bf16: a bfloat16 weight, got {weight.dtype}")
+    if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16:
+        raise ValueError(
+            f"native linear_bf16: bfloat16 x and a bfloat16 weight, got {x.dtype}, {weight.dtype}"
+        )
     x2 = _check(x, weight, torch.bfloat16, "linear_bf16")
     (rows, k), n = x2.shape, weight.shape[0]
     y = torch.empty(rows, n, dtype=torch.bfloat16)
-    b, b16 = _bias(bias, n)
+    bias, b, b16 = _bias(bias, n)
     _native.linear_bf16(
         y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0, b, rows, n, k, 1, b16,
         torch.get_num_threads(),
@@ -111,7 +141,7 @@ def _linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     x2 = _check(x, weight, torch.float32, "linear_f32")
     (rows, k), n = x2.shape, weight.shape[0]
     y = torch.empty(rows, n, dtype=torch.float32)
-    b, b16 = _bias(bias, n)
+    bias, b, b16 = _bias(bias, n)
     _native.linear_f32(
         y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0, b, rows, n, k, 0, b16,
         torch.get_num_threads(),
@@ -120,15 +150,21 @@ def _linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _linear_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    if q.dtype != torch.int8 or scale.dtype != torch.float32 or scale.shape != q.shape[:1]:
-        raise ValueError("native linear_int8: int8 q (n, k) and float32 scale (n,)")
+    if (
+        q.dtype != torch.int8
+        or scale.dtype != torch.float32
+        or scale.shape != q.shape[:1]
+        or scale.device.type != "cpu"
+    ):
+        raise ValueError("native linear_int8: int8 q (n, k) and float32 CPU scale (n,)")
+    scale = scale.resolve_neg().contiguous()  # a local: alive until the kernel returns
     x2 = _check(x, q, torch.float32, "linear_int8")
     (rows, k), n = x2.shape, q.shape[0]
     out_bf16 = x.dtype == torch.bfloat16
     y = torch.empty(rows, n, dtype=torch.bfloat16 if out_bf16 else torch.float32)
-    b, b16 = _bias(bias, n)
+    bias, b, b16 = _bias(bias, n)
     _native.linear_int8(
-        y.data_ptr(), x2.data_ptr(), q.data_ptr(), scale.contiguous().data_ptr(), b, rows, n,
+        y.data_ptr(), x2.data_ptr(), q.data_ptr(), scale.data_ptr(), b, rows, n,
         k, int(out_bf16), b16, torch.get_num_threads(),
     )  # fmt: skip
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
