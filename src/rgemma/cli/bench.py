@@ -238,8 +238,9 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"model: {what} ({sum(t.numel() for t in model.parameters()):,} parameters, "
         f"{str(p.dtype).removeprefix('torch.')}"
-        f"{', int8 weights' if args.quantize else ''}{', compiled decode' if args.compile else ''}"
-        f"); {p.device}, {torch.get_num_threads()} threads\n"
+        f"{f', {args.quantize} weights' if args.quantize else ''}{', compiled decode' if args.compile else ''}"
+        f"); {p.device}, {torch.get_num_threads()} thread"
+        f"{'s' * (torch.get_num_threads() != 1)}\n"
         f"weights {weight_nbytes(model) / 1e6:,.1f} MB, state {model.state_nbytes(1) / 1e6:.2f} "
         f"MB per sequence; memory bandwidth {bandwidth:.1f} GB/s (copy and sum of "
         f"{args.bandwidth_mib} MiB)\n",
