@@ -141,7 +141,8 @@ class CompiledDecodeStep:
         self.failed: str | None = None
         self.calls = 0
         self.compile_seconds = 0.0
-        self._batch_sizes: set[tuple[int, bool]] = set()
+        self._batch_sizes: set[tuple[int, bool]] = set()  # (batch size, donate) compiled
+        self._measured: set[int] = set()  # batch sizes whose kernel choices are made
 
     def __call__(
         self, tokens: Tensor, state: GriffinState, donate: bool = False
@@ -152,8 +153,9 @@ class CompiledDecodeStep:
         first = key not in self._batch_sizes
         t0 = time.perf_counter()
         try:
-            if first:  # one eager step (state kept) measures the kernel choices the
-                self.eager(tokens, state, False)  # graph will then trace (ops.linear)
+            if tokens.shape[0] not in self._measured:  # one eager step (state kept)
+                self.eager(tokens, state, False)  # measures the kernel choices that the
+                self._measured.add(tokens.shape[0])  # graph then traces (ops.linear)
             out = self.compiled(tokens, state, donate)
         except Exception as err:  # any compiler failure means eager
             if self.calls:  # it compiled and ran before: a real error, not the compiler

@@ -135,7 +135,7 @@ def test_bad_inputs_are_named():
         native.linear_bf16(torch.randn(1, 8).bfloat16(), w.T)
     with pytest.raises(ValueError, match=r"bias must be \(n,\)"):
         native.linear_bf16(torch.randn(1, 16).bfloat16(), w, torch.zeros(7))
-    with pytest.raises(ValueError, match="float32 x and weight"):
+    with pytest.raises(ValueError, match="float32 x and a float32 weight"):
         native.linear_f32(torch.randn(1, 16), w)
     with pytest.raises(ValueError, match="int8 q"):
         native.linear_int8(torch.randn(1, 16), w, torch.ones(8))
@@ -158,17 +158,33 @@ def test_compiled_graphs_call_the_kernels_as_custom_ops():
 # ---------------------------------------------------------------------------------
 # The per-machine choice (ops.linear "tuned", ops.int8_matmul "kernel")
 # ---------------------------------------------------------------------------------
-def test_measure_chooses_another_kernel_only_when_it_beats_the_baseline_by_the_margin():
+@pytest.mark.parametrize("cost_b,chosen", [(0.5, "b"), (0.97, "a"), (1.5, "a")])
+def test_measure_chooses_another_kernel_only_when_it_beats_the_baseline_by_the_margin(
+    cost_b, chosen
+):
+    """On a virtual clock (each call of "a" costs 1 ms, of "b" `cost_b` ms) the
+    per-call times are exact and "b" wins only below `GEMV_MARGIN` (0.95) of "a"."""
+    now = [0.0]
     calls = {"a": 0, "b": 0}
 
-    def fake(name):
-        return lambda: calls.__setitem__(name, calls[name] + 1)
+    def kernel(name, cost):
+        def run():
+            calls[name] += 1
+            now[0] += cost * 1e-3
 
-    choice = lin.measure_kernels({"a": fake("a"), "b": fake("b")}, "a", samples=2)
-    assert set(choice.seconds) == {"a", "b"} and calls["a"] > 2 and calls["b"] > 2
-    fastest = min(choice.seconds, key=choice.seconds.get)
-    beats = choice.seconds[fastest] < lin.GEMV_MARGIN * choice.seconds["a"]
-    assert choice.kernel == (fastest if beats else "a")
+        return run
+
+    choice = lin.measure_kernels(
+        {"a": kernel("a", 1.0), "b": kernel("b", cost_b)},
+        "a",
+        samples=2,
+        min_seconds=4e-3,
+        clock=lambda: now[0],
+    )
+    calls_per_sample = int(4e-3 / ((1.0 + cost_b) / 2 * 1e-3))
+    assert calls == {"a": 1 + 2 * calls_per_sample, "b": 1 + 2 * calls_per_sample}
+    assert choice.seconds == pytest.approx({"a": 1e-3, "b": cost_b * 1e-3})
+    assert choice.kernel == chosen == lin.choose(choice.seconds, "a")
 
 
 def test_tuned_linear_runs_the_measured_kernel_per_row_bucket(monkeypatch):

@@ -30,10 +30,9 @@
 
 #define WB 4 /* weight rows per register block */
 #define XB 4 /* x rows per register block */
-#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8 /* weight rows ahead that are prefetched (page crossings) */
-#endif
-#define KB_F32 512 /* columns per block of a weight tile for float32 x (x rows > XB) */
+#define KB_F32 512       /* columns per block of a weight tile, float32 x (4 rows: 8 KiB) */
+#define KB_BF16 1024     /* the same for bfloat16 x */
 #define CHUNK 16 /* weight rows per parallel work item */
 #define MAX_ROWS 64 /* rows of x per call at most (the Python side splits larger) */
 
@@ -185,42 +184,74 @@ AVX512 static inline __m512 load16_i8(const int8_t *p, __mmask16 m) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
 }
 
-/* NW weight rows x NR rows of float32 x (j->xf) over columns [c0, c1), W widened
- * to float32 by LOADW (16 columns); accumulators as in BF16_TILE below. */
-#define F32_TILE(NAME, T, LOADW, NW, NR)                                                 \
-    AVX512 static void tile_##NAME##_##NW##x##NR(const Job *j, const T *w,                \
-                                                 const float *const *xp, int64_t i,      \
-                                                 int64_t r0, int nw, int64_t c0,         \
-                                                 int64_t c1, float *keep) {              \
-        const int64_t k = j->k, cv = c0 + ((c1 - c0) & ~(int64_t)15);                    \
-        const T *wp[NW];                                                                 \
+AVX512 static inline __m512 load16_f32(const float *p, __mmask16 m) {
+    return m == (__mmask16)0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+AVX512BF16 static inline __m512i load32_raw16(const uint16_t *p, __mmask32 m) {
+    return m == (__mmask32)0xffffffffu ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(m, p);
+}
+
+/* The products: float32 FMA on widened W, or AVX-512 BF16's pair product into float32. */
+#define FMA_F32(acc, wv, xv) _mm512_fmadd_ps(wv, xv, acc)
+#define DP_BF16(acc, wv, xv) _mm512_dpbf16_ps(acc, (__m512bh)(wv), (__m512bh)(xv))
+
+/* One register tile: NW weight rows (from w + i*k) x NR rows of x (xp[]) over the
+ * columns [c0, c1), STEP columns per vector (LOADW / LOADX take a pointer and a lane
+ * mask, all ones in the main loop), MAC the product into float32 accumulators;
+ * compile-time sizes so the NW * NR accumulators live in registers. They start
+ * from zero at c0 == 0 (else from `keep`) and are reduced into the output at
+ * c1 == k (else saved to `keep`). Prefetch: the rows PREFETCH_ROWS ahead; with
+ * `passes` passes of x over an unblocked row, each pass fetches its share of the
+ * lines, so memory is busy in every pass. */
+#define TILE(ATTR, NAME, TW, TX, STEP, MASK_T, WV_T, XV_T, LOADW, LOADX, MAC, NW, NR)      \
+    ATTR static void tile_##NAME##_##NW##x##NR(                                          \
+        const Job *j, const TW *w, const TX *const *xp, int64_t i, int64_t r0, int nw,   \
+        int64_t c0, int64_t c1, float *keep, int pass, int passes) {                     \
+        const int64_t k = j->k, cv = c0 + ((c1 - c0) / STEP) * STEP;                     \
+        const int64_t lines = (k * (int64_t)sizeof(TW) + 63) / 64;                       \
+        const int64_t share = (lines + passes - 1) / passes;                             \
+        const TW *wp[NW];                                                                \
         for (int a = 0; a < NW; a++) wp[a] = w + (i + (a < nw ? a : nw - 1)) * k;        \
-        const T *pf = w + (i + PREFETCH_ROWS < j->n ? i + PREFETCH_ROWS : i) * k;        \
+        const char *pf = (const char *)(w + (i + PREFETCH_ROWS < j->n ? i + PREFETCH_ROWS : i) * k); \
         __m512 acc[NW][NR];                                                              \
         for (int a = 0; a < NW; a++)                                                     \
             for (int b = 0; b < NR; b++)                                                 \
                 acc[a][b] = c0 == 0 ? _mm512_setzero_ps()                                \
                                     : _mm512_loadu_ps(keep + (a * NR + b) * 16);         \
         int64_t c = c0;                                                                  \
-        for (; c < cv; c += 16) {                                                        \
-            if (r0 == 0 && (c * (int64_t)sizeof(T)) % 64 == 0)                           \
-                for (int a = 0; a < NW; a++)                                             \
-                    _mm_prefetch((const char *)(pf + a * k + c), _MM_HINT_T0);           \
-            __m512 wv[NW], xv[NR];                                                       \
-            for (int a = 0; a < NW; a++) wv[a] = LOADW(wp[a] + c, (__mmask16)0xffff);   \
-            for (int b = 0; b < NR; b++) xv[b] = _mm512_loadu_ps(xp[b] + c);             \
+        for (; c < cv; c += STEP) {                                                      \
+            const int64_t byte = c * (int64_t)sizeof(TW);                                \
+            if (byte % 64 < STEP * (int64_t)sizeof(TW)) { /* a new line of W */          \
+                const int64_t l = byte / 64;                                             \
+                if (c0 == 0 && c1 == k) {                                                \
+                    if (l % passes == 0 && l / passes + pass * share < lines)            \
+                        for (int a = 0; a < NW; a++)                                     \
+                            _mm_prefetch(pf + a * k * (int64_t)sizeof(TW) +              \
+                                             (l / passes + pass * share) * 64,           \
+                                         _MM_HINT_T0);                                   \
+                } else if (pass == 0) {                                                  \
+                    for (int a = 0; a < NW; a++)                                         \
+                        _mm_prefetch(pf + a * k * (int64_t)sizeof(TW) + byte, _MM_HINT_T0); \
+                }                                                                        \
+            }                                                                            \
+            WV_T wv[NW];                                                                 \
+            XV_T xv[NR];                                                                 \
+            for (int a = 0; a < NW; a++) wv[a] = LOADW(wp[a] + c, (MASK_T)~(MASK_T)0);   \
+            for (int b = 0; b < NR; b++) xv[b] = LOADX(xp[b] + c, (MASK_T)~(MASK_T)0);   \
             for (int a = 0; a < NW; a++)                                                 \
-                for (int b = 0; b < NR; b++)                                             \
-                    acc[a][b] = _mm512_fmadd_ps(wv[a], xv[b], acc[a][b]);                \
+                for (int b = 0; b < NR; b++) acc[a][b] = MAC(acc[a][b], wv[a], xv[b]);   \
         }                                                                                \
         if (c < c1) {                                                                    \
-            const __mmask16 m = (__mmask16)((1u << (c1 - c)) - 1);                       \
-            __m512 wv[NW], xv[NR];                                                       \
+            const MASK_T m = (MASK_T)((1ull << (c1 - c)) - 1);                           \
+            WV_T wv[NW];                                                                 \
+            XV_T xv[NR];                                                                 \
             for (int a = 0; a < NW; a++) wv[a] = LOADW(wp[a] + c, m);                    \
-            for (int b = 0; b < NR; b++) xv[b] = _mm512_maskz_loadu_ps(m, xp[b] + c);    \
+            for (int b = 0; b < NR; b++) xv[b] = LOADX(xp[b] + c, m);                    \
             for (int a = 0; a < NW; a++)                                                 \
-                for (int b = 0; b < NR; b++)                                             \
-                    acc[a][b] = _mm512_fmadd_ps(wv[a], xv[b], acc[a][b]);                \
+                for (int b = 0; b < NR; b++) acc[a][b] = MAC(acc[a][b], wv[a], xv[b]);   \
         }                                                                                \
         if (c1 == k) {                                                                   \
             for (int a = 0; a < nw; a++)                                                 \
@@ -233,19 +264,24 @@ AVX512 static inline __m512 load16_i8(const int8_t *p, __mmask16 m) {
         }                                                                                \
     }
 
-#define F32_TILES(NAME, T, LOADW)                                                        \
-    F32_TILE(NAME, T, LOADW, 8, 1)                                                       \
-    F32_TILE(NAME, T, LOADW, 4, 2)                                                       \
-    F32_TILE(NAME, T, LOADW, 4, 3)                                                       \
-    F32_TILE(NAME, T, LOADW, 4, 4)                                                       \
-    AVX512 static void block_##NAME(const Job *j, int64_t i0, int64_t i1) {              \
-        const int64_t k = j->k, kb = j->rows <= XB ? k : KB_F32;                         \
-        const T *w = (const T *)j->w;                                                    \
+/* The tiles 8x1, 4x2, 4x3, 4x4 of one kernel, and its block: weight rows [i0, i1)
+ * against every row of x (XS: its rows, at most MAX_ROWS), one tile of weight rows
+ * at a time; with more than KB_ROWS rows of x the tile's columns go in blocks of KB
+ * that stay in L1 while every pass of XB rows of x meets them, so the weights
+ * stream from memory once. */
+#define KERNEL(ATTR, NAME, TW, TX, XS, KB, KB_ROWS, STEP, MASK_T, WV_T, XV_T, LOADW, LOADX, MAC) \
+    TILE(ATTR, NAME, TW, TX, STEP, MASK_T, WV_T, XV_T, LOADW, LOADX, MAC, 8, 1)           \
+    TILE(ATTR, NAME, TW, TX, STEP, MASK_T, WV_T, XV_T, LOADW, LOADX, MAC, 4, 2)           \
+    TILE(ATTR, NAME, TW, TX, STEP, MASK_T, WV_T, XV_T, LOADW, LOADX, MAC, 4, 3)           \
+    TILE(ATTR, NAME, TW, TX, STEP, MASK_T, WV_T, XV_T, LOADW, LOADX, MAC, 4, 4)           \
+    ATTR static void block_##NAME(const Job *j, int64_t i0, int64_t i1) {                \
+        const int64_t k = j->k, kb = j->rows <= KB_ROWS ? k : KB;                        \
+        const int passes = (int)((j->rows + XB - 1) / XB);                               \
+        const TW *w = (const TW *)j->w;                                                  \
         float keep[MAX_ROWS * WB * 16] __attribute__((aligned(64)));                     \
-        const float *xp[MAX_ROWS];                                                       \
-        for (int64_t r = 0; r < j->rows; r++) xp[r] = j->xf + r * k;                     \
-        for (int64_t r = j->rows; r < ((j->rows + XB - 1) / XB) * XB; r++)               \
-            xp[r] = xp[j->rows - 1];                                                     \
+        const TX *xp[MAX_ROWS];                                                          \
+        for (int64_t r = 0; r < j->rows; r++) xp[r] = (const TX *)(XS) + r * k;          \
+        for (int64_t r = j->rows; r < passes * XB; r++) xp[r] = xp[j->rows - 1];         \
         const int step = j->rows == 1 ? 8 : 4;                                           \
         for (int64_t i = i0; i < i1; i += step) {                                        \
             const int nw = i1 - i < step ? (int)(i1 - i) : step;                         \
@@ -253,130 +289,31 @@ AVX512 static inline __m512 load16_i8(const int8_t *p, __mmask16 m) {
                 const int64_t c1 = c0 + kb < k ? c0 + kb : k;                            \
                 for (int64_t r0 = 0; r0 < j->rows; r0 += XB) {                           \
                     const int nr = j->rows - r0 < XB ? (int)(j->rows - r0) : XB;         \
+                    const int pass = (int)(r0 / XB);                                     \
                     float *kp = keep + r0 * WB * 16;                                     \
                     if (nr == 1)                                                         \
-                        tile_##NAME##_8x1(j, w, xp + r0, i, r0, nw, c0, c1, kp);         \
+                        tile_##NAME##_8x1(j, w, xp + r0, i, r0, nw, c0, c1, kp, pass, passes); \
                     else if (nr == 2)                                                    \
-                        tile_##NAME##_4x2(j, w, xp + r0, i, r0, nw, c0, c1, kp);         \
+                        tile_##NAME##_4x2(j, w, xp + r0, i, r0, nw, c0, c1, kp, pass, passes); \
                     else if (nr == 3)                                                    \
-                        tile_##NAME##_4x3(j, w, xp + r0, i, r0, nw, c0, c1, kp);         \
+                        tile_##NAME##_4x3(j, w, xp + r0, i, r0, nw, c0, c1, kp, pass, passes); \
                     else                                                                 \
-                        tile_##NAME##_4x4(j, w, xp + r0, i, r0, nw, c0, c1, kp);         \
+                        tile_##NAME##_4x4(j, w, xp + r0, i, r0, nw, c0, c1, kp, pass, passes); \
                 }                                                                        \
             }                                                                            \
         }                                                                                \
     }
 
-AVX512 static inline __m512 load16_f32(const float *p, __mmask16 m) {
-    return m == (__mmask16)0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-
-F32_TILES(avx512_i8, int8_t, load16_i8)
-F32_TILES(avx512_f32, float, load16_f32)
-F32_TILES(avx512_bf16, uint16_t, load16_bf16)
-
-/* ---- AVX-512 BF16: VDPBF16PS on bfloat16 x and W ------------------------------ */
-
-#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#ifndef KB_BF16
-#define KB_BF16 1024
-#endif
-#define KB_BF16_DOC    /* columns per block of a weight tile (x rows > XB) */
-
-/* NW weight rows (from w + i*k) x NR rows of x (xp[]) over columns [c0, c1);
- * compile-time sizes so the NW * NR accumulators live in registers. The
- * accumulators start from zero at c0 == 0 (else from `keep`) and are reduced into
- * the output at c1 == k (else saved to `keep`). The tail of k is a masked load. */
-#define BF16_TILE(NW, NR)                                                                \
-    AVX512BF16 static void tile_bf16_##NW##x##NR(                                        \
-        const Job *j, const uint16_t *w, const uint16_t *const *xp, int64_t i, int64_t r0, \
-        int nw, int64_t c0, int64_t c1, float *keep, int pass, int passes) {             \
-        const int64_t lines = (j->k + 31) / 32, share = (lines + passes - 1) / passes;  \
-        const int64_t k = j->k, cv = c0 + ((c1 - c0) & ~(int64_t)31);                    \
-        const uint16_t *wp[NW];                                                          \
-        for (int a = 0; a < NW; a++) wp[a] = w + (i + (a < nw ? a : nw - 1)) * k;        \
-        const uint16_t *pf = w + (i + PREFETCH_ROWS < j->n ? i + PREFETCH_ROWS : i) * k; \
-        __m512 acc[NW][NR];                                                              \
-        for (int a = 0; a < NW; a++)                                                     \
-            for (int b = 0; b < NR; b++)                                                 \
-                acc[a][b] = c0 == 0 ? _mm512_setzero_ps()                                \
-                                    : _mm512_loadu_ps(keep + (a * NR + b) * 16);         \
-        int64_t c = c0;                                                                  \
-        for (; c < cv; c += 32) {                                                        \
-            if (c0 == 0 && c1 == k) { /* each pass fetches its share of the lines */     \
-                const int64_t l = c / 32;                                                \
-                if (l % passes == 0 && l / passes + pass * share < lines)                \
-                    for (int a = 0; a < NW; a++)                                         \
-                        _mm_prefetch(                                                    \
-                            (const char *)(pf + a * k + (l / passes + pass * share) * 32), \
-                            _MM_HINT_T0);                                                \
-            } else if (pass == 0) {                                                      \
-                for (int a = 0; a < NW; a++)                                             \
-                    _mm_prefetch((const char *)(pf + a * k + c), _MM_HINT_T0);           \
-            }                                                                            \
-            __m512i wv[NW], xv[NR];                                                      \
-            for (int a = 0; a < NW; a++) wv[a] = _mm512_loadu_si512(wp[a] + c);          \
-            for (int b = 0; b < NR; b++) xv[b] = _mm512_loadu_si512(xp[b] + c);          \
-            for (int a = 0; a < NW; a++)                                                 \
-                for (int b = 0; b < NR; b++)                                             \
-                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)wv[a],             \
-                                                 (__m512bh)xv[b]);                       \
-        }                                                                                \
-        if (c < c1) {                                                                    \
-            const __mmask32 m = (__mmask32)((1ull << (c1 - c)) - 1);                     \
-            __m512i wv[NW], xv[NR];                                                      \
-            for (int a = 0; a < NW; a++) wv[a] = _mm512_maskz_loadu_epi16(m, wp[a] + c); \
-            for (int b = 0; b < NR; b++) xv[b] = _mm512_maskz_loadu_epi16(m, xp[b] + c); \
-            for (int a = 0; a < NW; a++)                                                 \
-                for (int b = 0; b < NR; b++)                                             \
-                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)wv[a],             \
-                                                 (__m512bh)xv[b]);                       \
-        }                                                                                \
-        if (c1 == k) {                                                                   \
-            for (int a = 0; a < nw; a++)                                                 \
-                for (int b = 0; b < NR; b++)                                             \
-                    finish(j, r0 + b, i + a, _mm512_reduce_add_ps(acc[a][b]));           \
-        } else {                                                                         \
-            for (int a = 0; a < NW; a++)                                                 \
-                for (int b = 0; b < NR; b++)                                             \
-                    _mm512_storeu_ps(keep + (a * NR + b) * 16, acc[a][b]);               \
-        }                                                                                \
-    }
-BF16_TILE(8, 1)
-BF16_TILE(4, 2)
-BF16_TILE(4, 3)
-BF16_TILE(4, 4)
-
-/* Weight rows [i0, i1) against every row of x (at most MAX_ROWS), one register
- * tile of weight rows at a time: its columns in blocks of KB_BF16 (4 rows: 8 KiB)
- * that stay in L1 while every pass of XB rows of x meets them, so the weights
- * stream from memory once. One pass of x: no blocks. */
-AVX512BF16 static void block_avx512bf16(const Job *j, int64_t i0, int64_t i1) {
-    const int64_t k = j->k, kb = j->rows <= 2 * XB ? k : KB_BF16;
-    const int passes = (int)((j->rows + XB - 1) / XB);
-    const uint16_t *x = (const uint16_t *)j->x, *w = (const uint16_t *)j->w;
-    float keep[MAX_ROWS * WB * 16] __attribute__((aligned(64)));
-    const uint16_t *xp[MAX_ROWS];
-    for (int64_t r = 0; r < j->rows; r++) xp[r] = x + r * k;
-    for (int64_t r = j->rows; r < ((j->rows + XB - 1) / XB) * XB; r++) xp[r] = xp[j->rows - 1];
-    const int step = j->rows == 1 ? 8 : 4;
-    for (int64_t i = i0; i < i1; i += step) {
-        const int nw = i1 - i < step ? (int)(i1 - i) : step;
-        for (int64_t c0 = 0; c0 < k; c0 += kb) {
-            const int64_t c1 = c0 + kb < k ? c0 + kb : k;
-            for (int64_t r0 = 0; r0 < j->rows; r0 += XB) {
-                const int nr = j->rows - r0 < XB ? (int)(j->rows - r0) : XB;
-                float *kp = keep + r0 * WB * 16;
-                switch (nr) {
-                    case 1: tile_bf16_8x1(j, w, xp + r0, i, r0, nw, c0, c1, kp, (int)(r0 / XB), passes); break;
-                    case 2: tile_bf16_4x2(j, w, xp + r0, i, r0, nw, c0, c1, kp, (int)(r0 / XB), passes); break;
-                    case 3: tile_bf16_4x3(j, w, xp + r0, i, r0, nw, c0, c1, kp, (int)(r0 / XB), passes); break;
-                    default: tile_bf16_4x4(j, w, xp + r0, i, r0, nw, c0, c1, kp, (int)(r0 / XB), passes); break;
-                }
-            }
-        }
-    }
-}
+/* AVX-512F: W widened to float32, float32 x (j->xf), 16 columns per vector. */
+#define F32_KERNEL(NAME, TW, LOADW)                                                      \
+    KERNEL(AVX512, NAME, TW, float, j->xf, KB_F32, XB, 16, __mmask16, __m512, __m512,    \
+           LOADW, load16_f32, FMA_F32)
+F32_KERNEL(avx512_i8, int8_t, load16_i8)
+F32_KERNEL(avx512_f32, float, load16_f32)
+F32_KERNEL(avx512_bf16, uint16_t, load16_bf16)
+/* AVX-512 BF16: bfloat16 x and W, VDPBF16PS, 32 columns per vector. */
+KERNEL(AVX512BF16, avx512bf16, uint16_t, uint16_t, j->x, KB_BF16, 2 * XB, 32, __mmask32,
+       __m512i, __m512i, load32_raw16, load32_raw16, DP_BF16)
 
 /* ---- dispatch ------------------------------------------------------------------ */
 

@@ -113,21 +113,29 @@ def kernel_choices() -> dict[str, str]:
     return out
 
 
+def choose(seconds: dict[str, float], baseline: str) -> str:
+    """The kernel to use given seconds per call of each: the fastest if it takes less
+    than `GEMV_MARGIN` of `baseline`'s time, else `baseline`."""
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds[fastest] < GEMV_MARGIN * seconds[baseline] else baseline
+
+
 def measure_kernels(
     candidates: dict[str, Callable[[], object]],
     baseline: str,
     samples: int = 3,
     min_seconds: float = 2e-3,
+    clock: Callable[[], float] | None = None,
 ) -> KernelChoice:
-    """Time each candidate (a call of one kernel on fixed inputs) and choose.
+    """Time each candidate (a call of one kernel on fixed inputs) and `choose`.
 
     Each sample runs enough calls to last about `min_seconds`; the candidates
     alternate and the best sample of each counts (other work on the machine only
-    ever makes a sample slower). With one torch thread the clock is this thread's CPU
-    time, which other processes do not inflate; with more, wall time. The fastest
-    wins if it takes less than `GEMV_MARGIN` of `baseline`'s time; else `baseline`.
+    ever makes a sample slower). The clock (default): with one torch thread this
+    thread's CPU time, which other processes do not inflate; with more, wall time.
     """
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    if clock is None:
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     with torch.no_grad():
         t0 = clock()
         for fn in candidates.values():  # warm-up (first-touch, kernel selection)
@@ -141,9 +149,7 @@ def measure_kernels(
                 for _ in range(calls):
                     fn()
                 best[name] = min(best[name], (clock() - t0) / calls)
-    fastest = min(best, key=best.get)
-    kernel = fastest if best[fastest] < GEMV_MARGIN * best[baseline] else baseline
-    return KernelChoice(kernel, best)
+    return KernelChoice(choose(best, baseline), best)
 
 
 _NATIVE = {torch.bfloat16: native.linear_bf16, torch.float32: native.linear_f32}

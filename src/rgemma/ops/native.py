@@ -119,34 +119,29 @@ def _check(x: Tensor, weight: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     return x2
 
 
-def _linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16:
-        raise ValueError(
-            f"native linear_bf16: bfloat16 x and a bfloat16 weight, got {x.dtype}, {weight.dtype}"
-        )
-    x2 = _check(x, weight, torch.bfloat16, "linear_bf16")
+def _linear_float(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """`linear_bf16` (dtype bfloat16) or `linear_f32` (float32): x and weight in dtype."""
+    name = "linear_bf16" if dtype == torch.bfloat16 else "linear_f32"
+    if weight.dtype != dtype or x.dtype != dtype:
+        dt = str(dtype).removeprefix("torch.")
+        raise ValueError(f"native {name}: {dt} x and a {dt} weight, got {x.dtype}, {weight.dtype}")
+    x2 = _check(x, weight, dtype, name)
     (rows, k), n = x2.shape, weight.shape[0]
-    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    y = torch.empty(rows, n, dtype=dtype)
     bias, b, b16 = _bias(bias, n)
-    _native.linear_bf16(
-        y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0, b, rows, n, k, 1, b16,
-        torch.get_num_threads(),
+    getattr(_native, name)(
+        y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0, b, rows, n, k,
+        int(dtype == torch.bfloat16), b16, torch.get_num_threads(),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
+
+
+def _linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _linear_float(x, weight, bias, torch.bfloat16)
 
 
 def _linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if weight.dtype != torch.float32 or x.dtype != torch.float32:
-        raise ValueError(f"native linear_f32: float32 x and weight, got {x.dtype}, {weight.dtype}")
-    x2 = _check(x, weight, torch.float32, "linear_f32")
-    (rows, k), n = x2.shape, weight.shape[0]
-    y = torch.empty(rows, n, dtype=torch.float32)
-    bias, b, b16 = _bias(bias, n)
-    _native.linear_f32(
-        y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0, b, rows, n, k, 0, b16,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return y.reshape(*x.shape[:-1], n)
+    return _linear_float(x, weight, bias, torch.float32)
 
 
 def _linear_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
