@@ -208,6 +208,21 @@ def test_int4_model_under_the_reference_ops_gives_the_same_logits():
     torch.testing.assert_close(fast, ref, rtol=0, atol=5e-2)
 
 
+def test_int4_model_quantized_under_the_reference_takes_prompts_of_several_tokens():
+    """Quantized with `int4_matmul="ref"` the codes stay "plain"; the embedder then
+    gathers (b, t) rows of codes (a prompt), which must unpack per token."""
+    model = random_model(CFG, std=0.05)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 5))
+    with ops.use(int4_matmul="ref"):
+        qmodel = quantize(copy.deepcopy(model), "int4")  # quantize works in place
+        with torch.no_grad():
+            ref, _ = qmodel(tokens)
+    assert not any(getattr(m, "packed", False) for m in qmodel.modules())
+    with torch.no_grad():
+        fast, _ = quantize(model, "int4")(tokens)
+    torch.testing.assert_close(ref, fast, rtol=0, atol=5e-2)
+
+
 def test_int4_bad_group_size_width_or_save_is_an_error(tmp_path):
     from rgemma import CheckpointError, save_model
 

@@ -359,6 +359,11 @@ def setup_torch(args: argparse.Namespace) -> None:
     if threads is not None:
         if threads < 1:
             raise InputError(f"--threads must be >= 1, got {threads}")
+        most = 4 * (os.cpu_count() or 1)
+        if threads > most:  # torch and OpenMP abort or crash on thousands of threads
+            raise InputError(
+                f"--threads {threads} is more than 4x this machine's {os.cpu_count()} CPUs"
+            )
         torch.set_num_threads(threads)
     device = getattr(args, "device", None)
     if device is not None:

@@ -255,9 +255,12 @@ def describe(device: torch.device | str = "cpu", why: bool = False) -> dict[str,
     for op, name in names.items():
         source = "use" if op in _forced else ENV_VAR if op in env else "auto"
         out[op] = f"{name} ({source})"
-    out["native kernels"] = (
-        f"{native.isa()} (built at install)" if native.available() else native.unavailable_reason()
-    )
+    if _device_type(device) == "cpu":
+        out["native kernels"] = (
+            f"{native.isa()} (built at install)"
+            if native.available()
+            else native.unavailable_reason()
+        )
     out.update(kernel_choices())
     return out
 

@@ -362,6 +362,7 @@ static int run(Job *j, int kind, int threads) {
         j->xf = xf;
     }
     const int64_t chunks = (j->n + CHUNK - 1) / CHUNK;
+    if (threads > chunks) threads = (int)chunks; /* no idle threads started */
     if (threads <= 1 || chunks < 2) {
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < j->n ? i0 + CHUNK : j->n;
@@ -434,7 +435,14 @@ static PyObject *set_isa(PyObject *self, PyObject *args) {
             g_force = i;
             Py_RETURN_NONE;
         }
-    PyErr_Format(PyExc_ValueError, "instruction set %s is not available on this CPU", name);
+    for (int i = g_isa + 1; i < (int)(sizeof(ISA_NAMES) / sizeof(*ISA_NAMES)); i++)
+        if (strcmp(name, ISA_NAMES[i]) == 0) {
+            PyErr_Format(PyExc_ValueError, "instruction set %s is not available on this CPU",
+                         name);
+            return NULL;
+        }
+    PyErr_Format(PyExc_ValueError, "unknown instruction set %s (c, avx2, avx512, avx512bf16)",
+                 name);
     return NULL;
 }
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
 from . import native
 
 #: Up to this many rows per call the int8 kernel is used; above, the weight is
@@ -155,9 +156,16 @@ def measure_kernels(
 _NATIVE = {torch.bfloat16: native.linear_bf16, torch.float32: native.linear_f32}
 
 
+def _probe(shape: tuple[int, int], dtype, device="cpu") -> Tensor:
+    """Random activations for a measurement, from a generator of their own (the
+    global random state is the user's)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+
+
 def _linear_candidates(weight: Tensor, rows: int) -> dict[str, Callable[[], object]]:
     w = weight.detach()
-    x = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device)
+    x = _probe((rows, w.shape[1]), w.dtype, w.device)
     out: dict[str, Callable[[], object]] = {"linear": lambda: F.linear(x, w)}
     if rows == 1:
         out["mv"] = lambda: torch.mv(w, x[0])
@@ -235,15 +243,21 @@ def _int8_torch(x2: Tensor, q: Tensor, scale: Tensor, scale_bf16: Tensor | None)
     return torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scale_bf16)  # (rows, n)
 
 
+def _int8_native(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """The native int8 kernel on x rounded to bfloat16, as torch's kernel takes it, so
+    that which of the two is measured faster never changes the result's rounding."""
+    return native.linear_int8(x.to(torch.bfloat16), q, scale).to(x.dtype)
+
+
 def _int8_candidates(q: Tensor, scale: Tensor, scale_bf16, rows: int, dtype) -> dict:
-    x = torch.randn(rows, q.shape[1], dtype=dtype)
+    x = _probe((rows, q.shape[1]), dtype)
     out: dict[str, Callable[[], object]] = {}
     if _int8_torch_applies(q.shape[1]):
         out["torch"] = lambda: _int8_torch(x, q, scale, scale_bf16)
     else:
         out["ref"] = lambda: int8_matmul_ref(x, q, scale)
     if native.available() and q.is_contiguous():
-        out["native"] = lambda: native.linear_int8(x, q, scale)
+        out["native"] = lambda: _int8_native(x, q, scale)
     return out
 
 
@@ -265,6 +279,8 @@ def int8_matmul_kernel(
     constant inside the kernel's arguments does not compile with torch.compile).
     """
     lead, k = x.shape[:-1], x.shape[-1]
+    if q.ndim != 2 or q.shape[1] != k:
+        raise InputError(f"int8 matmul: x (..., {k}) against an int8 weight {tuple(q.shape)}")
     x2 = x.reshape(-1, k)  # (rows, k)
     rows = x2.shape[0]
     if x.device.type != "cpu" or not 0 < rows <= INT8_KERNEL_MAX_ROWS:
@@ -280,7 +296,7 @@ def int8_matmul_kernel(
         plain,
     )
     if kernel == "native" and q.is_contiguous():
-        return native.linear_int8(x, q, scale)
+        return _int8_native(x, q, scale)
     if kernel == "torch":
         return _int8_torch(x2, q, scale, scale_bf16).to(x.dtype).reshape(*lead, -1)
     return int8_matmul_ref(x, q, scale)

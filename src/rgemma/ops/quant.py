@@ -60,8 +60,9 @@ def pack_int4(codes: Tensor) -> Tensor:
 
 
 def unpack_int4(w: Tensor) -> Tensor:
-    """(n, k // 2) uint8, "plain" layout -> (n, k) uint8 codes in [0, 15]."""
-    return torch.stack([w & 0xF, w >> 4], dim=-1).reshape(w.shape[0], -1)
+    """(..., k // 2) uint8, "plain" layout -> (..., k) uint8 codes in [0, 15] (any
+    leading dimensions: a weight's rows, or an embedding's rows gathered per token)."""
+    return torch.stack([w & 0xF, w >> 4], dim=-1).reshape(*w.shape[:-1], -1)
 
 
 def _from_cpu_packed(w: Tensor, n: int, k: int, layout: str) -> Tensor:
